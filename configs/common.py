@@ -1,0 +1,33 @@
+"""Pieces shared by the built-in configs (plain Python, big_vision style)."""
+import dataclasses
+
+import ml_collections
+
+from neo_jax.model.config import ModelConfig
+
+STAGES = ("pt", "mt", "sft")
+
+
+def check_stage(stage):
+    stage = stage or "pt"
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}; use e.g. configs/neo_2b.py:pt")
+    return stage
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """ModelConfig defaults (NEO-2.2B) as a ConfigDict, with overrides."""
+    d = dataclasses.asdict(ModelConfig())
+    unknown = set(overrides) - set(d)
+    if unknown:
+        raise ValueError(f"unknown model keys {sorted(unknown)}")
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def base(stage, **model) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = check_stage(stage)
+    c.seed = 0
+    c.model = model_config(**model)
+    return c
