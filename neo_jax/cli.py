@@ -1,0 +1,41 @@
+"""`neo-jax` command line: each subcommand lives beside the code it drives.
+
+A module listed in COMMANDS exposes `register(subparsers)`, which adds its parser(s) and sets
+`func(args) -> int` as the parser default. Modules are imported lazily so `neo-jax --help` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module exposing register(subparsers)
+COMMANDS = {
+    "data": "neo_jax.data.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neo-jax", description="NEO native vision-language models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        print(f"neo-jax {args.command}: unrecognised arguments {extra}", file=sys.stderr)
+        return 2
+    args.overrides = [e[len("--config."):] if e.startswith("--config.") else e for e in extra]
+    bad = [e for e in extra if not e.startswith("--config.")]
+    if bad:
+        print(f"neo-jax {args.command}: unrecognised arguments {bad} (config overrides look like "
+              f"--config.model.dtype=bfloat16)", file=sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
