@@ -30,4 +30,7 @@ def base(stage, **model) -> ml_collections.ConfigDict:
     c.stage = check_stage(stage)
     c.seed = 0
     c.model = model_config(**model)
+    from neo_jax.data.pipeline import data_config
+
+    c.data = data_config(c.stage)
     return c
