@@ -1,7 +1,8 @@
 """`neo-jax` command line: each subcommand lives beside the code it drives.
 
 A module listed in COMMANDS exposes `register(subparsers)`, which adds its parser(s) and sets
-`func(args) -> int` as the parser default. Modules are imported lazily so `neo-jax --help` is fast.
+`func(args) -> int` as the parser default. Command modules keep heavy imports (jax, grain, torch) inside
+their handlers so that building the parser stays fast.
 """
 from __future__ import annotations
 
