@@ -1,0 +1,154 @@
+"""Memory-efficient attention backends equal the dense reference (forward and backward) on packed rows.
+
+Pallas kernels (splash, gpu) run in interpret mode on CPU.
+"""
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from neo_jax import kernels
+from neo_jax.kernels import blockwise, gpu, splash, xla
+from neo_jax.model import mask as mask_lib
+from tests.test_rope_mask import random_packed_row
+
+SCALE = 0.25
+BACKENDS = {
+    "blockwise": functools.partial(blockwise.attention, tile_q=64, tile_k=32),
+    "splash": functools.partial(splash.attention, block=128),
+    "gpu": functools.partial(gpu.attention, block=32),
+}
+
+
+def packed_info(seed, length, batch, max_docs=6):
+    rng = np.random.default_rng(seed)
+    rows = [random_packed_row(rng, length, max_docs=max_docs) for _ in range(batch)]
+    seg = np.stack([r[1] for r in rows])
+    pos = np.stack([r[2] for r in rows])
+    return mask_lib.make_mask_info(seg, pos), seg
+
+
+def qkv(seed, b, lq, lk, h, kvh, d, dv, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (jax.random.normal(ks[0], (b, lq, h, d), dtype), jax.random.normal(ks[1], (b, lk, kvh, d), dtype),
+            jax.random.normal(ks[2], (b, lk, kvh, dv), dtype), jax.random.normal(ks[3], (b, lq, h, dv)))
+
+
+def value_and_grads(fn, q, k, v, info, ct):
+    def loss(q, k, v):
+        out = fn(q, k, v, info, scale=SCALE)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+    (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, g
+
+
+@pytest.fixture(scope="module")
+def case256():
+    info, seg = packed_info(0, 256, 2)
+    q, k, v, ct = qkv(1, 2, 256, 256, 4, 2, 16, 8)
+    return info, seg, (q, k, v, ct), value_and_grads(xla.attention, q, k, v, info, ct)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_equals_reference_f32(name, case256):
+    info, seg, (q, k, v, ct), (ref, ref_g) = case256
+    out, g = value_and_grads(BACKENDS[name], q, k, v, info, ct)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    pad = seg == 0
+    assert pad.any() and not np.isnan(np.asarray(out)).any()
+    assert (np.asarray(out)[pad] == 0).all() and (np.asarray(g[0])[pad] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_equals_reference_bf16_wide_heads(name):
+    """NEO head sizes: Dqk 256 (T128|H64|W64), Dv 128, one kv head per two q heads, bf16."""
+    info, _ = packed_info(2, 128, 1)
+    q, k, v, ct = qkv(3, 1, 128, 128, 2, 1, 256, 128, jnp.bfloat16)
+    ref, ref_g = value_and_grads(xla.attention, q, k, v, info, ct)
+    out, g = value_and_grads(BACKENDS[name], q, k, v, info, ct)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    for a, b in zip(g, ref_g):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2e-2 * max(1.0, np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ["blockwise", "gpu"])
+def test_long_row_2048(name):
+    info, _ = packed_info(4, 2048, 1, max_docs=40)
+    q, k, v, ct = qkv(5, 1, 2048, 2048, 2, 1, 16, 8)
+    ref, ref_g = value_and_grads(xla.attention, q, k, v, info, ct)
+    fn = functools.partial(blockwise.attention, tile_q=256, tile_k=256) if name == "blockwise" else \
+        functools.partial(gpu.attention, block=128)
+    out, g = value_and_grads(fn, q, k, v, info, ct)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "gpu"])
+def test_decode_shapes_lq_differs_from_lk(name, case256):
+    """Chunked prefill / decode: the last 19 queries (and the very last one) against the full cache."""
+    info, _, (q, k, v, ct), (ref, _) = case256
+    for start in (256 - 19, 255):
+        sub = mask_lib.MaskInfo(info.q_segment_ids[:, start:], info.kv_segment_ids, info.q_key[:, start:],
+                                info.kv_key)
+        out = BACKENDS[name](q[:, start:], k, v, sub, scale=SCALE)
+        np.testing.assert_allclose(out, ref[:, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_visits_exactly_the_non_empty_tiles(case256):
+    info, _, (q, k, v, _), (ref, _) = case256
+    out, stats = blockwise.attention_with_stats(q, k, v, info, scale=SCALE, tile_q=8, tile_k=16)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    pattern = np.asarray(stats["pattern"])
+    # visited == 2 where computed without a mask, 1 with it, 0 never: equal to EMPTY/PARTIAL/FULL.
+    np.testing.assert_array_equal(np.asarray(stats["visited"]), pattern)
+    assert (pattern == mask_lib.EMPTY).any() and (pattern == mask_lib.FULL).any()
+    # The pattern it follows is the exact non-empty set of the dense mask.
+    dense = np.asarray(mask_lib.mask_from_info(info))
+    blocks = dense.reshape(2, 32, 8, 16, 16).any((2, 4))
+    np.testing.assert_array_equal(pattern != mask_lib.EMPTY, blocks)
+
+
+def test_splash_block_mask_is_the_tile_pattern_and_horizon_is_exact(case256):
+    info, _, _, _ = case256
+    fwd, dkv = splash.mask_infos(info, 128, 128)
+    np.testing.assert_array_equal(np.asarray(fwd.block_mask)[:, 0],
+                                  np.asarray(mask_lib.tile_pattern_from_info(info, 128, 128)))
+    # Inside a segment, k <= horizon(q) is exactly the mixed mask.
+    h = np.asarray(splash.horizon(info))
+    seg = np.asarray(info.q_segment_ids)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    via_horizon = same & (np.arange(256)[None, None, :] <= h[:, :, None])
+    np.testing.assert_array_equal(via_horizon, np.asarray(mask_lib.mask_from_info(info)))
+
+
+def test_splash_under_shard_map_on_a_mesh(case256):
+    info, _, (q, k, v, ct), (ref, ref_g) = case256
+    devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+    q4, k4, v4 = (jnp.concatenate([x, x], 0) for x in (q, k, v))  # batch 4 over data x fsdp
+    info4 = jax.tree.map(lambda x: jnp.concatenate([x, x], 0), info)
+    out = jax.jit(functools.partial(splash.attention, scale=SCALE, mesh=mesh, block=128))(q4, k4, v4, info4)
+    np.testing.assert_allclose(out, jnp.concatenate([ref, ref], 0), atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_orders_and_falls_back_with_a_logged_reason(caplog):
+    q256, q1, k256 = (jnp.zeros((1, n, 2, 8)) for n in (256, 1, 256))
+    q4k = jnp.zeros((1, 4096, 2, 8))
+    assert kernels.choose(q4k, q4k, "auto", platform="tpu") == "splash"
+    assert kernels.choose(q4k, q4k, "auto", platform="gpu") == "gpu"
+    assert kernels.choose(q4k, q4k, "auto", platform="cpu") == "blockwise"
+    assert kernels.choose(q256, k256, "auto", platform="cpu") == "xla"
+    with caplog.at_level(logging.INFO, logger="neo_jax.kernels"):
+        assert kernels.choose(q1, k256, "splash", platform="tpu") == "blockwise"
+        assert kernels.choose(q1, k256, "splash", platform="tpu") == "blockwise"
+    assert sum("Lq=1 != Lk=256" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="flash"):
+        kernels.choose(q256, k256, "flash")
