@@ -152,3 +152,44 @@ def test_dispatch_orders_and_falls_back_with_a_logged_reason(caplog):
     assert sum("Lq=1 != Lk=256" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueError, match="flash"):
         kernels.choose(q256, k256, "flash")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config):
+    from neo_jax.model import init as init_lib
+    from neo_jax.model.config import ModelConfig
+    from tests.batches import make_batch
+
+    cfg = ModelConfig.from_dict(tiny_config.model)
+    return cfg, init_lib.init_params(cfg, jax.random.PRNGKey(0)), make_batch(cfg, seed=3, seq_len=128)
+
+
+def _train_step(cfg, impl, params, batch):
+    """Loss, gradients and the loss after one SGD step, in one compiled function."""
+    import dataclasses
+
+    from neo_jax.model.neo import NEO, loss_fn
+
+    c = dataclasses.replace(cfg, attention_impl=impl)
+
+    def f(p):
+        s, w = loss_fn(NEO(c).apply({"params": p}, batch), batch["targets"], batch["loss_weights"])
+        return s / w
+
+    def step(p):
+        loss, g = jax.value_and_grad(f)(p)
+        return loss, g, f(jax.tree.map(lambda a, b: a - 0.5 * b, p, g))
+
+    loss, g, nxt = jax.jit(step)(params)
+    return float(loss), float(nxt), g
+
+
+def test_model_trains_a_step_with_each_backend(tiny_model):
+    cfg, params, batch = tiny_model
+    ref_loss, ref_next, ref_g = _train_step(cfg, "xla", params, batch)
+    assert ref_next < ref_loss
+    for impl in BACKENDS:
+        loss, nxt, g = _train_step(cfg, impl, params, batch)
+        assert abs(loss - ref_loss) < 1e-5 and abs(nxt - ref_next) < 1e-4, impl
+        flat, flat_ref = jax.tree.leaves(g), jax.tree.leaves(ref_g)
+        assert max(float(jnp.abs(a - b).max()) for a, b in zip(flat, flat_ref)) < 1e-4, impl
