@@ -104,19 +104,22 @@ def encode_record(record, tok, *, min_pixels: int, max_pixels: int, loss_weighti
     ppos = np.concatenate(ppos) if ppos else np.zeros((0, 2), np.int32)
     if patch_budget is not None and len(patches) > patch_budget:
         raise Skip(OVERSIZE, f"{len(patches)} patches > patch_budget {patch_budget}")
-    out = _finish(tokens, supervised, tok, loss_weighting)
+    out = _finish(tokens, supervised, tok, loss_weighting, truncated=n_images < len(grids) or
+                  len(tokens) < len(ids))
     out["positions"] = native_positions(tokens, np.asarray(grids[:n_images], np.int32).reshape(-1, 2),
                                         img_start_id=tok.img_start_id, img_context_id=tok.img_context_id)
     out["patches"], out["patch_positions"] = patches, ppos
     return out
 
 
-def _finish(tokens, supervised, tok, loss_weighting):
+def _finish(tokens, supervised, tok, loss_weighting, truncated=False):
     """Shift once: target[t] = tokens[t+1], weighted iff tokens[t+1] is supervised."""
     label_mask = np.concatenate([supervised[1:], [False]])
     n = int(label_mask.sum())
     if n == 0:
-        raise Skip(EMPTY_CONVERSATION, "no supervised tokens left")
+        if truncated:
+            raise Skip(OVERSIZE, f"no supervised token left after truncating to {len(tokens)} tokens")
+        raise Skip(EMPTY_CONVERSATION, "no supervised tokens")
     targets = np.concatenate([tokens[1:], [tok.pad_id]]).astype(np.int32)
     weights = np.where(label_mask, sample_weight(n, loss_weighting), 0.0).astype(np.float32)
     return {"tokens": tokens, "targets": targets, "loss_weights": weights}
@@ -132,7 +135,7 @@ def _encode_text(record, tok, loss_weighting, seq_len, truncate):
         if not truncate:
             raise Skip(OVERSIZE, f"{len(tokens)} tokens > seq_len {seq_len}")
         tokens = tokens[:seq_len]
-    out = _finish(tokens, np.ones(len(tokens), bool), tok, loss_weighting)
+    out = _finish(tokens, np.ones(len(tokens), bool), tok, loss_weighting, truncated=True)
     out["positions"] = native_positions(tokens, np.zeros((0, 2), np.int32), img_start_id=tok.img_start_id,
                                         img_context_id=tok.img_context_id)
     out["patches"] = np.zeros((0, image_lib.PATCH**2 * 3), np.float32)

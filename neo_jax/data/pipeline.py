@@ -151,7 +151,7 @@ class Pipeline:
 
     def stats(self) -> dict:
         """Counters for step metrics: skips per reason, records read, non-pad share of emitted tokens."""
-        it = self._counter_ds.iterator  # None when decoding runs in worker processes' copies
+        it = self._counter_ds.iterator  # None until the first batch is requested
         out = {f"skip_{r}": int(it.counts[r]) if it else 0 for r in REASONS}
         out["records_read"] = it.seen if it else 0
         out["pack_efficiency"] = self._real / self._tokens if self._tokens else 0.0
@@ -160,6 +160,19 @@ class Pipeline:
     def close(self):
         if hasattr(self._it, "close"):
             self._it.close()
+
+
+def record_dataset(d, process_index: int, process_count: int) -> grain.MapDataset:
+    """Source items of this host: each source sliced [process_index::process_count] (disjoint slices
+    covering the data), shuffled with its own seed (a new order each epoch), repeated, then mixed."""
+    specs = [dict(s) for s in d.sources]
+    parts = []
+    for i, spec in enumerate(specs):
+        ds = grain.MapDataset.source(make_source(spec))[process_index::process_count]
+        if d.shuffle:
+            ds = ds.shuffle(seed=d.seed + 7919 * i)
+        parts.append(ds.repeat(None if d.num_epochs < 0 else d.num_epochs))
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, source_weights(specs, d.text_ratio))
 
 
 def make_pipeline(cfg, *, process_index: int | None = None, process_count: int | None = None) -> Pipeline:
@@ -181,15 +194,7 @@ def make_pipeline(cfg, *, process_index: int | None = None, process_count: int |
         check_token_ids(tok, cfg.model)
     per_host = d.batch_size // process_count
 
-    specs = [dict(s) for s in d.sources]
-    parts = []
-    for i, spec in enumerate(specs):
-        ds = grain.MapDataset.source(make_source(spec))[process_index::process_count]
-        if d.shuffle:
-            ds = ds.shuffle(seed=d.seed + 7919 * i)
-        ds = ds.repeat(None if d.num_epochs < 0 else d.num_epochs)
-        parts.append(ds)
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, source_weights(specs, d.text_ratio))
+    ds = record_dataset(d, process_index, process_count)
     ds = ds.map(EncodeRecord(d.tokenizer, d.min_pixels, d.max_pixels, d.loss_weighting, d.seq_len,
                              d.patch_budget, d.truncate))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch))
