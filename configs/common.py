@@ -33,4 +33,9 @@ def base(stage, **model) -> ml_collections.ConfigDict:
     from neo_jax.data.pipeline import data_config
 
     c.data = data_config(c.stage)
+    from neo_jax.parallel.mesh import mesh_config
+    from neo_jax.train.optim import train_config
+
+    c.train = train_config(c.stage, "paper")
+    c.mesh = mesh_config()
     return c
