@@ -17,7 +17,7 @@ def small_config(**kw):
     c.sources = [{"kind": "synthetic", "size": 64}]
     c.seq_len, c.patch_budget, c.batch_size = 128, 96, 2
     c.min_pixels, c.max_pixels = 32 * 32, 128 * 96
-    c.num_threads, c.prefetch = 2, 8
+    c.num_threads, c.prefetch, c.pack_bins = 2, 8, 4
     c.update(kw)
     return c
 

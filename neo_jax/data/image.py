@@ -97,8 +97,19 @@ def normalize(img: Image.Image) -> np.ndarray:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def normalize_patches(patches: np.ndarray) -> np.ndarray:
+    """uint8 patches [N, 768] ((C, row, col) order) -> float32, ImageNet mean/std; the same values as
+    patchify(normalize(img)) up to float rounding, in two in-place passes over the smaller uint8 copy."""
+    scale = np.repeat(1.0 / (255.0 * IMAGENET_STD), PATCH * PATCH).astype(np.float32)
+    offset = np.repeat(-IMAGENET_MEAN / IMAGENET_STD, PATCH * PATCH).astype(np.float32)
+    x = patches.astype(np.float32)
+    x *= scale
+    x += offset
+    return x
+
+
 def patchify(pixels: np.ndarray):
-    """[H, W, 3] (H, W multiples of 32) -> patches [N, 768], patch_positions int32 [N, 2] = (row, col) of
+    """[H, W, 3] (H, W multiples of 32; any dtype) -> patches [N, 768], patch_positions int32 [N, 2] = (row, col) of
     each 16-px patch, in grouped 2x2 merge-window order; N = (H/16)(W/16)."""
     h, w, c = pixels.shape
     if h % FACTOR or w % FACTOR:
@@ -109,7 +120,7 @@ def patchify(pixels: np.ndarray):
     patches = x.transpose(0, 3, 1, 4, 6, 2, 5).reshape(mh * mw * 4, c * PATCH * PATCH)
     mr, mc, dr, dc = np.meshgrid(np.arange(mh), np.arange(mw), np.arange(2), np.arange(2), indexing="ij")
     pos = np.stack([2 * mr + dr, 2 * mc + dc], axis=-1).reshape(-1, 2).astype(np.int32)
-    return np.ascontiguousarray(patches, np.float32), pos
+    return np.ascontiguousarray(patches), pos
 
 
 def process_image(src, *, min_pixels: int, max_pixels: int, name: str = ""):
@@ -122,5 +133,5 @@ def process_image(src, *, min_pixels: int, max_pixels: int, name: str = ""):
     rh, rw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
     if (rh, rw) != (h, w):
         img = img.resize((rw, rh), Image.BICUBIC)
-    patches, pos = patchify(normalize(img))
-    return patches, pos, (rh // FACTOR, rw // FACTOR)
+    patches, pos = patchify(np.asarray(img))  # transpose the uint8 pixels, then normalise
+    return normalize_patches(patches), pos, (rh // FACTOR, rw // FACTOR)

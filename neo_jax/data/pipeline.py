@@ -42,7 +42,7 @@ def data_config(stage: str = "pt") -> ml_collections.ConfigDict:
     c.seq_len = SEQ_LEN[stage]
     c.patch_budget = 3 * SEQ_LEN[stage]  # P = 4 x (most image tokens a row may hold): 75% of L here
     c.batch_size = GLOBAL_ROWS[stage]  # global rows per step; each host gets batch_size / process_count
-    c.pack_bins = 0  # first-fit bins; 0 = the per-host batch size
+    c.pack_bins = 0  # first-fit bins; 0 = max(per-host batch, 16) (more bins, less padding, more memory)
     c.min_pixels, c.max_pixels = min_px, max_px
     c.loss_weighting = "square"
     c.truncate = False  # oversize samples are skipped (counted); True cuts them at seq_len (never in an image)
@@ -199,10 +199,14 @@ def make_pipeline(cfg, *, process_index: int | None = None, process_count: int |
                              d.patch_budget, d.truncate))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch))
     if d.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
     counter = pack_lib.CountSkips(it)
     rows = pack_lib.pack(counter, seq_len=d.seq_len, patch_budget=d.patch_budget,
-                         num_bins=d.pack_bins or per_host, pad_id=tok.pad_id, seed=d.seed)
+                         num_bins=d.pack_bins or max(per_host, 16), pad_id=tok.pad_id, seed=d.seed)
     return Pipeline(rows.batch(per_host, drop_remainder=True), counter)
 
 
