@@ -13,6 +13,7 @@ import sys
 # subcommand -> module exposing register(subparsers)
 COMMANDS = {
     "data": "neo_jax.data.cli",
+    "plan": "neo_jax.train.plan",
 }
 
 

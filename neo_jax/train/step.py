@@ -74,17 +74,11 @@ def _model_and_tx(cfg, params_like):
     return mcfg, optim.make_optimizer(cfg.train, params_like, cfg.stage)
 
 
-def create_train_state(cfg, mesh, rng, params=None):
-    """(TrainState, TrainState of NamedShardings), created directly on the mesh.
-
-    params=None: fresh init inside `jax.jit(..., out_shardings=...)` (no host copy of the full model).
-    Given params (a Qwen3 import, a previous stage): checked against the model's tree and placed.
-    """
+def _abstract(cfg, mesh):
+    """(ModelConfig, optimizer, abstract params, abstract opt state, TrainState of shardings)."""
     strategy = strategy_of(cfg)
     mcfg = R.model_config(cfg.model)
     R.check_model(mcfg, mesh, strategy)
-    if isinstance(rng, int):
-        rng = jax.random.PRNGKey(rng)
     abstract_params = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0)))
     _, tx = _model_and_tx(cfg, abstract_params)
     p_shard = R.param_shardings(mcfg, mesh, strategy)
@@ -92,11 +86,33 @@ def create_train_state(cfg, mesh, rng, params=None):
     rep = R.replicated(mesh)
     shardings = TrainState(step=rep, params=p_shard,
                            opt_state=opt_state_shardings(abstract_opt, p_shard, abstract_params, mesh), rng=rep)
+    return mcfg, tx, abstract_params, abstract_opt, shardings
+
+
+def abstract_train_state(cfg, mesh):
+    """(TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings), allocating
+    nothing: for ahead-of-time compilation (`neo-jax plan`) and as a checkpoint restore target."""
+    _, _, params, opt, shardings = _abstract(cfg, mesh)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
+
+
+def create_train_state(cfg, mesh, rng, params=None):
+    """(TrainState, TrainState of NamedShardings), created directly on the mesh.
+
+    params=None: fresh init inside `jax.jit(..., out_shardings=...)` (no host copy of the full model).
+    Given params (a Qwen3 import, a previous stage): checked against the model's tree and placed.
+    """
+    mcfg, tx, abstract_params, _, shardings = _abstract(cfg, mesh)
+    p_shard, rep = shardings.params, shardings.step
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
 
     def from_params(p, key):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=key)
 
-    with sharding_context(mesh, strategy):
+    with sharding_context(mesh, strategy_of(cfg)):
         if params is None:
             init_key, key = jax.random.split(rng)
             state = jax.jit(lambda k1, k2: from_params(init_params(mcfg, k1), k2),
@@ -141,7 +157,7 @@ def _split_micro(batch, k: int):
     return jax.tree.map(one, batch)
 
 
-def _sums_and_grads(mcfg, params, mask, batch, k: int):
+def _sums_and_grads(mcfg, params, mask, batch, k: int, shardings, mesh):
     """(sum w*CE, sum w, grads of sum w*CE w.r.t. the trainable leaves (flat list))."""
     leaves, treedef = jax.tree.flatten(params)
     flags = jax.tree.leaves(mask)
@@ -165,8 +181,12 @@ def _sums_and_grads(mcfg, params, mask, batch, k: int):
         (s, w), g = grad_fn(train_leaves, mb)
         return (s0 + s, w0 + w, jax.tree.map(jnp.add, g0, g)), None
 
-    zeros = [jnp.zeros(x.shape, jnp.float32) for x in train_leaves]
-    (s, w, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), _split_micro(batch, k))
+    flat_shardings = jax.tree.leaves(shardings)
+    zeros = [jax.lax.with_sharding_constraint(jnp.zeros(leaves[i].shape, jnp.float32), flat_shardings[i])
+             for i in train_idx]
+    micro = jax.lax.with_sharding_constraint(
+        _split_micro(batch, k), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, R.BATCH_AXES)))
+    (s, w, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro)
     return s, w, g, train_idx, treedef, leaves
 
 
@@ -183,7 +203,8 @@ def make_train_step(cfg, mesh, state_shardings):
     k = int(cfg.train.get("grad_accum", 1))
 
     def step(state, batch):
-        s, w, g, train_idx, treedef, leaves = _sums_and_grads(mcfg, state.params, mask, batch, k)
+        s, w, g, train_idx, treedef, leaves = _sums_and_grads(mcfg, state.params, mask, batch, k,
+                                                             state_shardings.params, mesh)
         denom = jnp.maximum(w, jnp.finfo(jnp.float32).tiny)
         g = [x.astype(jnp.float32) / denom for x in g]
         full = [jnp.zeros_like(x) for x in leaves]
