@@ -203,3 +203,16 @@ def test_token_id_check_and_global_arrays(tiny_config):
     assert arrays["tokens"].shape == (8, 128) and arrays["patches"].shape == (8, 96, 768)
     assert {sh.data.shape for sh in arrays["tokens"].addressable_shards} == {(2, 128)}  # 4-way over "data"
     np.testing.assert_array_equal(np.asarray(arrays["positions"]), batch["positions"])
+
+
+def test_worker_processes_give_the_same_batches_and_restore():
+    a = pipeline.make_pipeline(small_config(num_workers=1, num_threads=1), process_index=0, process_count=1)
+    first = take(a, 2)
+    state = a.get_state()
+    rest = take(a, 2)
+    a.close()
+    b = pipeline.make_pipeline(small_config(num_workers=1, num_threads=1), process_index=0, process_count=1)
+    b.set_state(state)
+    assert_batches_equal(take(b, 2), rest)
+    b.close()
+    assert_batches_equal(take(pipeline.make_pipeline(small_config(), process_index=0, process_count=1), 2), first)
