@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "data": "neo_jax.data.cli",
     "plan": "neo_jax.train.plan",
+    "convert": "neo_jax.convert.cli",
 }
 
 
