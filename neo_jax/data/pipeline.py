@@ -79,7 +79,7 @@ def source_weights(specs, text_ratio: float) -> list[float]:
     if text_ratio < 0:
         return list(w / w.sum())
     is_text = np.array([s.get("kind") == "text" for s in specs])
-    if text_ratio > 0 and not is_text.any() or text_ratio < 1 and is_text.all():
+    if (text_ratio > 0 and not is_text.any()) or (text_ratio < 1 and is_text.all()):
         return list(w / w.sum())  # nothing to mix in: the ratio cannot apply
     out = np.where(is_text, text_ratio * w / max(w[is_text].sum(), 1e-12),
                    (1 - text_ratio) * w / max(w[~is_text].sum(), 1e-12))

@@ -65,7 +65,7 @@ class AnnotationSource:
         if not isinstance(e, dict):
             return {"id": rid, "conversations": None}
         root = e.get("data_path", self.root) or ""
-        record = {"id": str(e.get("id", rid)) if "id" in e else rid,
+        record = {"id": str(e["id"]) if "id" in e else rid,
                   "images": [os.path.join(root, p) if isinstance(p, str) else p for p in image_list(e)]}
         for k in ("conversations", "text", "system"):
             if k in e:
