@@ -9,6 +9,7 @@ progress bar over tensors and prints a summary; outputs appear only when complet
 """
 from __future__ import annotations
 
+import sys
 import time
 
 from tqdm import tqdm
@@ -93,6 +94,17 @@ def run_import(args) -> int:
     return 0
 
 
+def _friendly(fn):
+    """Bad input (missing files, mismatched tensors or configs) ends with one clear line and exit code 1."""
+    def run(args):
+        try:
+            return fn(args)
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+            print(f"neo-jax convert {args.convert_command}: error: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="import Qwen3 / official NEO weights, export to PyTorch")
     sub = p.add_subparsers(dest="convert_command", required=True)
@@ -104,7 +116,7 @@ def register(subparsers) -> None:
     q.add_argument("--out", required=True, help="params checkpoint directory to write")
     q.add_argument("--dtype", choices=dtypes, help="parameter dtype (default: the config's param_dtype)")
     q.add_argument("--overwrite", action="store_true")
-    q.set_defaults(func=run_qwen3, accepts_overrides=True)
+    q.set_defaults(func=_friendly(run_qwen3), accepts_overrides=True)
 
     e = sub.add_parser("export-hf", help="write a params checkpoint in the official NEO (PyTorch) layout")
     e.add_argument("--ckpt", required=True, help="params checkpoint directory")
@@ -113,7 +125,7 @@ def register(subparsers) -> None:
     e.add_argument("--dtype", choices=dtypes, help="tensor dtype (default: the checkpoint's)")
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(func=run_export)
+    e.set_defaults(func=_friendly(run_export))
 
     i = sub.add_parser("import-hf", help="read an official NEO checkpoint (e.g. Paranioar/NEO1_0-2B-SFT)")
     i.add_argument("--hf-dir", required=True, help="official checkpoint directory")
@@ -121,4 +133,4 @@ def register(subparsers) -> None:
     i.add_argument("--dtype", choices=dtypes, help="parameter dtype (default: as stored)")
     i.add_argument("--prebuffer-layers", type=int, help="pre-buffer depth when config.json lacks extra_num_layers")
     i.add_argument("--overwrite", action="store_true")
-    i.set_defaults(func=run_import)
+    i.set_defaults(func=_friendly(run_import))
