@@ -184,6 +184,21 @@ def _np(x):
 
 # --- export -----------------------------------------------------------------------------------------------
 
+def check_tokenizer(spec: str, cfg: ModelConfig) -> None:
+    """The weights' image token ids must be the tokenizer's (the PyTorch loader takes them from it)."""
+    from neo_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    for key, have in (("img_context_id", tok.img_context_id), ("img_start_id", tok.img_start_id),
+                      ("img_end_id", tok.img_end_id)):
+        if getattr(cfg, key) != have:
+            raise ValueError(f"tokenizer {spec!r} gives {key}={have} but the checkpoint's model config has "
+                             f"{getattr(cfg, key)}; export with the tokenizer the model was trained with")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, more than the model's "
+                         f"vocab_size={cfg.vocab_size}")
+
+
 def export_hf(params, cfg: ModelConfig, out: str, *, dtype: str | None = None, tokenizer: str | None = None,
               max_shard_bytes: int = 5 * 10 ** 9, overwrite: bool = False, progress=None) -> dict:
     """Write `params` in the official layout to `out`. dtype: None keeps the parameters' dtype.
@@ -215,6 +230,8 @@ def export_hf(params, cfg: ModelConfig, out: str, *, dtype: str | None = None, t
         x = _np(x[s.layer] if s.layer is not None else x)
         return to_official(s.kind, x, cfg).astype(np_dtype)
 
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = st.write_shards(tmp, plan, produce, max_shard_bytes=max_shard_bytes, progress=progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
