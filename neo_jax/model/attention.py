@@ -33,11 +33,13 @@ class MHNA(nn.Module):
         hw = Dense(n_heads * d, ("embed", axis), c, name=f"{proj}_proj_hw")(x).reshape(b, length, n_heads, d)
         h = RMSNorm(c, "head_dim", name=f"{proj}_norm_h")(hw[..., : d // 2])
         w = RMSNorm(c, "head_dim", name=f"{proj}_norm_w")(hw[..., d // 2:])
-        return rope.apply_native_rope(t, h, w, positions, theta_t=c.rope_theta, theta_hw=c.rope_theta_hw)
+        return rope.apply_variant_rope(c.rope_kind, t, h, w, positions, theta_t=c.rope_theta,
+                                       theta_hw=c.rope_theta_hw)
 
     @nn.compact
     def __call__(self, x, positions, info: MaskInfo, kv_cache=None, cache_index=None):
-        """x [B, L, E]; positions int [B, L, 3]; info describes the mask between these queries and the keys.
+        """x [B, L, E]; positions int [B, L, 3] for the rotary (a RoPE variant's `rope_positions`); info
+        describes the mask between these queries and the keys.
 
         kv_cache: None (training) or (k [B, S, KVH, qk_dim], v [B, S, KVH, d]): this call's keys/values
         are written at [cache_index, cache_index + L) and the queries attend over all S cache slots.

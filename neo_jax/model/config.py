@@ -5,6 +5,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from neo_jax.model.rope import ROPE_KINDS
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,6 +37,7 @@ class ModelConfig:
     # Ablations / numerics.
     hw_branch: bool = True  # False = plain Qwen3 attention (no H/W channels): the "LLM only" reference
     mask_kind: str = "mixed"  # or "causal"
+    rope_kind: str = "native"  # Table 3 variants: native | 1d | il | mrope | mmrope | video (docs/rope_variants.md)
     attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -54,6 +57,11 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
         if self.mask_kind not in ("mixed", "causal"):
             raise ValueError(f"mask_kind={self.mask_kind!r}; choose 'mixed' or 'causal'")
+        if self.rope_kind not in ROPE_KINDS:
+            raise ValueError(f"rope_kind={self.rope_kind!r}; choose one of {ROPE_KINDS}")
+        if self.rope_kind != "native" and (not self.hw_branch or self.head_dim % 16):
+            raise ValueError(f"rope_kind={self.rope_kind!r} needs hw_branch=True and head_dim % 16 == 0 (its "
+                             f"frequency sections), got hw_branch={self.hw_branch}, head_dim={self.head_dim}")
 
     @property
     def num_layers(self) -> int:

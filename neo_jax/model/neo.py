@@ -25,6 +25,7 @@ from neo_jax.model.vision import PatchEmbedding, scatter_image_embeddings
 BATCH_FIELDS = {  # name: (trailing shape after [B, L] or [B, P], dtype kind)
     "tokens": ((), "i"), "targets": ((), "i"), "loss_weights": ((), "f"), "segment_ids": ((), "i"),
     "positions": ((3,), "i"), "patches": (("patch_dim",), "f"), "patch_positions": ((2,), "i"),
+    "rope_positions": ((3,), "i"),  # optional: a RoPE variant's rotary indexes (rope.rope_positions)
 }
 
 
@@ -37,6 +38,9 @@ def check_batch(batch, cfg: ModelConfig, require=("tokens", "segment_ids", "posi
     for name in require:
         if name not in batch:
             raise ValueError(f"batch is missing {name!r}; a batch holds {sorted(BATCH_FIELDS)}")
+    if cfg.rope_kind != "native" and "rope_positions" not in batch:
+        raise ValueError(f"rope_kind={cfg.rope_kind!r} needs batch['rope_positions'] (int32 [B, L, 3], from "
+                         f"neo_jax.model.rope.rope_positions per document); 'positions' stays Native for the mask")
     b, length = np.shape(batch["tokens"])[:2] if np.ndim(batch["tokens"]) == 2 else (None, None)
     if b is None:
         raise ValueError(f"batch['tokens'] must be [B, L], got shape {np.shape(batch['tokens'])}")
@@ -107,16 +111,20 @@ class NEO(nn.Module):
         check_batch(batch, self.cfg)
         x = self.embed(batch["tokens"], batch.get("patches"), batch.get("patch_positions"))
         info = make_mask_info(batch["segment_ids"], batch["positions"], self.cfg.mask_kind)
-        x, _ = self._stacks(x, (None, None), batch["positions"], info, None)
+        x, _ = self._stacks(x, (None, None), batch.get("rope_positions", batch["positions"]), info, None)
         return self.logits(x)
 
-    def decode(self, tokens, positions, segment_ids, cache, patches=None, patch_positions=None):
+    def decode(self, tokens, positions, segment_ids, cache, patches=None, patch_positions=None,
+               rope_positions=None):
         """Run a chunk of C tokens (prefill: the prompt; decode: C = 1) against the KV cache.
 
-        tokens/segment_ids [B, C] (segment 0 = left padding), positions [B, C, 3]; the chunk is written at
-        cache["index"]. Returns (float32 logits [B, C, vocab], updated cache).
+        tokens/segment_ids [B, C] (segment 0 = left padding), positions [B, C, 3] (Native: the mask key);
+        rope_positions [B, C, 3]: the rotary's indexes, required for a RoPE variant (rope_kind != "native").
+        The chunk is written at cache["index"]. Returns (float32 logits [B, C, vocab], updated cache).
         """
         c = self.cfg
+        if c.rope_kind != "native" and rope_positions is None:
+            raise ValueError(f"rope_kind={c.rope_kind!r}: NEO.decode needs rope_positions [B, C, 3]")
         index = cache["index"]
         chunk = tokens.shape[1]
         if c.mask_kind == "causal":
@@ -128,7 +136,8 @@ class NEO(nn.Module):
                                                      index, axis=1)
         info = MaskInfo(segment_ids.astype(jnp.int32), kv_seg, q_key, kv_key)
         x = self.embed(tokens, patches, patch_positions)
-        x, (pre, llm) = self._stacks(x, (cache["prebuffer"], cache["llm"]), positions, info, index)
+        rot = positions if rope_positions is None else rope_positions
+        x, (pre, llm) = self._stacks(x, (cache["prebuffer"], cache["llm"]), rot, info, index)
         new = dict(cache, prebuffer=pre, llm=llm, key=kv_key, segment_ids=kv_seg, index=index + chunk)
         return self.logits(x), new
 
