@@ -161,3 +161,6 @@ def test_failed_export_leaves_nothing(cfg, params, tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="params do not match"):
         neo_hf.export_hf({"embed_tokens": {"embedding": jnp.zeros((3, 3))}}, cfg, str(tmp_path / "exp"))
+    with pytest.raises(ValueError, match="model.mask_kind='causal'"):
+        neo_hf.export_hf(params, dataclasses.replace(cfg, mask_kind="causal"), str(tmp_path / "exp"))
+    assert os.listdir(tmp_path) == []

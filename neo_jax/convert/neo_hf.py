@@ -204,6 +204,11 @@ def export_hf(params, cfg: ModelConfig, out: str, *, dtype: str | None = None, t
     """Write `params` in the official layout to `out`. dtype: None keeps the parameters' dtype.
     tokenizer: a `load_tokenizer` spec whose files (with NEO's added tokens) are written beside the weights.
     Returns a summary dict (tensors, bytes, files)."""
+    official = {"hw_branch": True, "mask_kind": "mixed", "rope_kind": "native"}
+    for field, want in official.items():
+        if getattr(cfg, field, want) != want:
+            raise ValueError(f"model.{field}={getattr(cfg, field)!r}: the official NEO layout (and its PyTorch "
+                             f"code) only represents {field}={want!r}; this ablation cannot be exported")
     shapes = param_shapes(cfg)
     table = specs(cfg)
     have = {p for p, _ in leaf_paths(params)}
@@ -228,7 +233,7 @@ def export_hf(params, cfg: ModelConfig, out: str, *, dtype: str | None = None, t
         s = by_key[key]
         x = tree_get(params, s.path)
         x = _np(x[s.layer] if s.layer is not None else x)
-        return to_official(s.kind, x, cfg).astype(np_dtype)
+        return to_official(s.kind, x, cfg).astype(np_dtype, copy=False)
 
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
@@ -298,14 +303,14 @@ def import_hf(hf_dir: str, *, dtype: str | None = None, shardings=None, progress
     params = {}
     for path, group in groups.items():
         shape = tree_get(shapes, path).shape
-        host = np.empty(shape, np_dtype)
-        for s in group:
-            x = from_official(s.kind, source.get(s.key), cfg)
-            if s.layer is None:
-                host[...] = x
-            else:
-                host[s.layer] = x
-            if progress is not None:
+        if group[0].layer is None:  # one tensor: no staging buffer
+            host = from_official(group[0].kind, source.get(group[0].key), cfg).astype(np_dtype, copy=False)
+        else:  # a scanned stack: fill [n, ...] layer by layer
+            host = np.empty(shape, np_dtype)
+            for s in group:
+                host[s.layer] = from_official(s.kind, source.get(s.key), cfg)
+        if progress is not None:
+            for s in group:
                 progress(s.key)
         tree_set(params, path, place(host, None if shardings is None else tree_get(shardings, path)))
         del host
