@@ -14,6 +14,7 @@ layers may be counted once) and from the config (neo_jax/train/flops.py, one doc
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -45,6 +46,7 @@ def register(subparsers):
     p.add_argument("--batch-size", type=int, default=None, help="global rows per step (default: data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: data.seq_len)")
     p.add_argument("--patch-budget", type=int, default=None, help="patches per row (default: data.patch_budget)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per mesh instead of a table")
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -65,7 +67,7 @@ def run(args) -> int:
 
 
 def sys_argv(args) -> list[str]:
-    out = ["--config", args.config]
+    out = ["--config", args.config] + (["--json"] if args.json else [])
     for m in args.mesh:
         out += ["--mesh", m]
     for flag in ("strategy", "batch_size", "seq_len", "patch_budget"):
@@ -132,13 +134,17 @@ def plan(args, meshes) -> int:
     batch_size = args.batch_size or cfg.data.batch_size
     seq_len = args.seq_len or cfg.data.seq_len
     patch_budget = args.patch_budget if args.patch_budget is not None else cfg.data.patch_budget
-    print(f"plan {args.config}: strategy={cfg.mesh.strategy} stage={cfg.stage} batch={batch_size} rows x "
-          f"{seq_len} tokens, {patch_budget} patches/row, grad_accum={cfg.train.grad_accum}, "
-          f"dtype={cfg.model.dtype}/{cfg.model.param_dtype}, remat={cfg.model.remat_policy}")
-    print(f"{'mesh':26}{'params':>9} {'opt_state':>9} {'arguments':>9} {'temp':>9} {'peak':>9}  (bytes per device)"
-          f" | step TFLOP: config  XLA/device | compile s")
+    if not args.json:
+        print(f"plan {args.config}: strategy={cfg.mesh.strategy} stage={cfg.stage} batch={batch_size} rows x "
+              f"{seq_len} tokens, {patch_budget} patches/row, grad_accum={cfg.train.grad_accum}, "
+              f"dtype={cfg.model.dtype}/{cfg.model.param_dtype}, remat={cfg.model.remat_policy}")
+        print(f"{'mesh':26}{'params':>9} {'opt_state':>9} {'arguments':>9} {'temp':>9} {'peak':>9}  (bytes per device)"
+              f" | step TFLOP: config  XLA/device | compile s")
     for sizes in meshes:
         r = plan_one(cfg, sizes, batch_size, seq_len, patch_budget)
+        if args.json:
+            print(json.dumps(r), flush=True)
+            continue
         print(f"{r['mesh']:26}{_size(r['params_bytes'])} {_size(r['opt_bytes'])} {_size(r['argument_bytes'])} "
               f"{_size(r['temp_bytes'])} {_size(r['peak_bytes'])}{'':20} | {r['config_flops'] / 1e12:12.4g}"
               f"{r['xla_flops'] / 1e12:12.4g} | {r['compile_s']:8.1f}", flush=True)

@@ -215,7 +215,7 @@ def make_train_step(cfg, mesh, state_shardings):
         new = optax.apply_updates(state.params, updates)
         params = jax.tree.map(lambda n, o, t: n if t else o, new, state.params, mask)
         rng, _ = jax.random.split(state.rng)
-        metrics = {"loss": s / denom, "weight_sum": w, "grad_norm": optax.global_norm(g),
+        metrics = {"loss": s / denom, "weight_sum": w, "grad_norm": optax.tree.norm(g),
                    "lr": schedule(state.step), "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
