@@ -204,3 +204,46 @@ def test_variant_needs_rope_positions_and_a_known_kind(base_cfg, params):
         dataclasses.replace(base_cfg, rope_kind="3d")
     with pytest.raises(ValueError, match="head_dim"):
         dataclasses.replace(base_cfg, rope_kind="video", head_dim=8)
+
+
+def _grids_from_native(tokens, native, ctx):
+    """Each image's merged grid (rows, cols), read back from the Native H/W of its context tokens."""
+    t = native[tokens == ctx]
+    return [[int(t[t[:, 0] == v][:, 1].max()) + 1, int(t[t[:, 0] == v][:, 2].max()) + 1]
+            for v in np.unique(t[:, 0])]
+
+
+def test_data_pipeline_adds_the_variants_rope_positions():
+    import ml_collections
+
+    from neo_jax.data import pipeline
+
+    d = pipeline.data_config("pt")
+    d.sources = [{"kind": "synthetic", "size": 16}]
+    d.seq_len, d.patch_budget, d.batch_size = 128, 96, 2
+    d.min_pixels, d.max_pixels = 32 * 32, 128 * 96
+    d.num_threads, d.prefetch, d.pack_bins = 1, 4, 2
+    tok = None
+    for kind in ("native", "video"):
+        cfg = ml_collections.ConfigDict({"data": d, "model": {"rope_kind": kind}})
+        batch = next(pipeline.make_pipeline(cfg, process_index=0, process_count=1))
+        if kind == "native":
+            assert "rope_positions" not in batch
+            continue
+        from neo_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(d.tokenizer)
+        assert batch["rope_positions"].shape == batch["positions"].shape
+        n_images = 0
+        for row in range(2):
+            seg = batch["segment_ids"][row]
+            for s in range(1, int(seg.max()) + 1):
+                idx = np.flatnonzero(seg == s)
+                toks = batch["tokens"][row, idx]
+                grids = _grids_from_native(toks, batch["positions"][row, idx], tok.img_context_id)
+                n_images += len(grids)
+                want = rope.rope_positions(kind, toks, np.array(grids).reshape(-1, 2), img_start_id=tok.img_start_id,
+                                           img_context_id=tok.img_context_id)
+                np.testing.assert_array_equal(batch["rope_positions"][row, idx], want)
+            assert not batch["rope_positions"][row, seg == 0].any()
+        assert n_images > 0

@@ -14,10 +14,11 @@ import numpy as np
 from neo_jax.data import image as image_lib
 from neo_jax.data import template
 from neo_jax.data.skips import BAD_CONVERSATION, EMPTY_CONVERSATION, IMAGE_COUNT_MISMATCH, OVERSIZE, Skip
-from neo_jax.model.rope import native_positions
+from neo_jax.model.rope import native_positions, rope_positions
 
 WEIGHTINGS = ("token", "sample", "square")
 FEATURES = ("tokens", "targets", "loss_weights", "positions", "patches", "patch_positions")
+ROPE_FEATURE = "rope_positions"  # added when a RoPE ablation variant is configured (rope_kind != "native")
 
 
 def sample_weight(num_supervised: int, weighting: str) -> float:
@@ -62,10 +63,13 @@ def _truncate(tokens, supervised, grids, seq_len, tok):
 
 
 def encode_record(record, tok, *, min_pixels: int, max_pixels: int, loss_weighting: str = "square",
-                  seq_len: int | None = None, patch_budget: int | None = None, truncate: bool = False):
-    """Encodes one record; raises Skip(reason) for bad input (see skips.py). Returns a dict of FEATURES."""
+                  seq_len: int | None = None, patch_budget: int | None = None, truncate: bool = False,
+                  rope_kind: str = "native"):
+    """Encodes one record; raises Skip(reason) for bad input (see skips.py). Returns a dict of FEATURES
+    (plus ROPE_FEATURE, the variant's rotary indexes, when rope_kind != "native")."""
     if "text" in record and "conversations" not in record:
-        return _encode_text(record, tok, loss_weighting, seq_len, truncate)
+        return _add_rope(_encode_text(record, tok, loss_weighting, seq_len, truncate), np.zeros((0, 2)), tok,
+                         rope_kind)
     turns = check_conversation(record)
     images = list(record.get("images") or [])
     turns = template.ensure_image_tag(turns, len(images))
@@ -109,6 +113,13 @@ def encode_record(record, tok, *, min_pixels: int, max_pixels: int, loss_weighti
     out["positions"] = native_positions(tokens, np.asarray(grids[:n_images], np.int32).reshape(-1, 2),
                                         img_start_id=tok.img_start_id, img_context_id=tok.img_context_id)
     out["patches"], out["patch_positions"] = patches, ppos
+    return _add_rope(out, np.asarray(grids[:n_images], np.int32).reshape(-1, 2), tok, rope_kind)
+
+
+def _add_rope(out, grids, tok, rope_kind):
+    if rope_kind != "native":
+        out[ROPE_FEATURE] = rope_positions(rope_kind, out["tokens"], np.asarray(grids, np.int32).reshape(-1, 2),
+                                           img_start_id=tok.img_start_id, img_context_id=tok.img_context_id)
     return out
 
 

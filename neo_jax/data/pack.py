@@ -17,7 +17,7 @@ import logging
 import grain
 import grain.experimental as gexp
 
-from neo_jax.data.encode import FEATURES
+from neo_jax.data.encode import FEATURES, ROPE_FEATURE
 from neo_jax.data.skips import REASONS
 
 log = logging.getLogger(__name__)
@@ -71,22 +71,24 @@ class CountSkips(grain.IterDataset):
 
 
 def pack(ds: grain.IterDataset, *, seq_len: int, patch_budget: int, num_bins: int, pad_id: int = 0,
-         seed: int = 0, shuffle_bins: bool = True) -> grain.IterDataset:
+         seed: int = 0, shuffle_bins: bool = True, rope: bool = False) -> grain.IterDataset:
     """Packs encoded documents (dicts of encode.FEATURES) into rows of the batch contract.
 
     Every document must already fit (encode.py skips or truncates oversize ones). `num_bins` rows are
     filled first-fit and all emitted once a document fits in none of them; more bins, fewer pad tokens.
     Rows are dicts: tokens, targets, loss_weights, segment_ids [L]; positions [L, 3]; patches [P, 768];
-    patch_positions [P, 2]."""
-    lengths = {k: seq_len for k in TOKEN_FEATURES} | {k: patch_budget for k in PATCH_FEATURES}
-    padding = dict.fromkeys(FEATURES, None) | {"tokens": pad_id}
+    patch_positions [P, 2]; with `rope`, also rope_positions [L, 3] (a RoPE variant's rotary indexes)."""
+    feats = FEATURES + ((ROPE_FEATURE,) if rope else ())
+    token_feats = TOKEN_FEATURES + ((ROPE_FEATURE,) if rope else ())
+    lengths = {k: seq_len for k in token_feats} | {k: patch_budget for k in PATCH_FEATURES}
+    padding = dict.fromkeys(feats, None) | {"tokens": pad_id}
     packed = gexp.FirstFitPackIterDataset(
-        ds.map(lambda d: {k: d[k] for k in FEATURES}), length_struct=lengths, num_packing_bins=num_bins,
+        ds.map(lambda d: {k: d[k] for k in feats}), length_struct=lengths, num_packing_bins=num_bins,
         seed=seed, shuffle_bins=shuffle_bins, padding_struct=padding)
-    return packed.map(_finalize_row)
+    return packed.map(lambda row: _finalize_row(row, feats))
 
 
-def _finalize_row(row: dict) -> dict:
-    out = {k: row[k] for k in FEATURES}
+def _finalize_row(row: dict, feats=FEATURES) -> dict:
+    out = {k: row[k] for k in feats}
     out["segment_ids"] = row["tokens_segment_ids"]
     return out

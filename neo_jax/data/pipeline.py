@@ -96,6 +96,7 @@ class EncodeRecord:
     seq_len: int
     patch_budget: int
     truncate: bool
+    rope_kind: str = "native"  # a RoPE ablation variant adds rope_positions (docs/rope_variants.md)
 
     def __call__(self, item):
         from neo_jax.data.tokenizer import load_tokenizer
@@ -106,7 +107,7 @@ class EncodeRecord:
             return encode_lib.encode_record(
                 record, load_tokenizer(self.tokenizer), min_pixels=self.min_pixels, max_pixels=self.max_pixels,
                 loss_weighting=self.loss_weighting, seq_len=self.seq_len, patch_budget=self.patch_budget,
-                truncate=self.truncate)
+                truncate=self.truncate, rope_kind=self.rope_kind)
         except Skip as e:
             return pack_lib.skip_marker(e.reason, rid, str(e))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # malformed record
@@ -193,10 +194,11 @@ def make_pipeline(cfg, *, process_index: int | None = None, process_count: int |
     if "model" in cfg:
         check_token_ids(tok, cfg.model)
     per_host = d.batch_size // process_count
+    rope_kind = cfg.model.get("rope_kind", "native") if "model" in cfg else "native"
 
     ds = record_dataset(d, process_index, process_count)
     ds = ds.map(EncodeRecord(d.tokenizer, d.min_pixels, d.max_pixels, d.loss_weighting, d.seq_len,
-                             d.patch_budget, d.truncate))
+                             d.patch_budget, d.truncate, rope_kind))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch))
     if d.num_workers > 0:
         from absl import flags
@@ -206,7 +208,8 @@ def make_pipeline(cfg, *, process_index: int | None = None, process_count: int |
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
     counter = pack_lib.CountSkips(it)
     rows = pack_lib.pack(counter, seq_len=d.seq_len, patch_budget=d.patch_budget,
-                         num_bins=d.pack_bins or max(per_host, 16), pad_id=tok.pad_id, seed=d.seed)
+                         num_bins=d.pack_bins or max(per_host, 16), pad_id=tok.pad_id, seed=d.seed,
+                         rope=rope_kind != "native")
     return Pipeline(rows.batch(per_host, drop_remainder=True), counter)
 
 
