@@ -15,6 +15,7 @@ COMMANDS = {
     "data": "neo_jax.data.cli",
     "plan": "neo_jax.train.plan",
     "convert": "neo_jax.convert.cli",
+    "eval": "neo_jax.eval.cli",
 }
 
 
