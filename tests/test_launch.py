@@ -103,6 +103,9 @@ def test_tpu_vm_other_subcommands(fake_path):
     assert flag(stop, "worker") == "all" and "kill -TERM" in flag(stop, "command")
     (delete,) = commands(run(TPU + ["delete", *base], fake_path).stdout)
     assert delete[3:6] == ["queued-resources", "delete", "n"] and "--quiet" in delete
+    (copy,) = commands(run(TPU + ["ssh", *base, "--command", "gcloud storage cp -r gs://b/q /tmp/"],
+                           fake_path).stdout)
+    assert flag(copy, "worker") == "all" and flag(copy, "command") == "gcloud storage cp -r gs://b/q /tmp/"
     (clone,) = commands(run(TPU + ["install", *base, "--git", "https://x/neo.git", "--ref", "v1"],
                             fake_path).stdout)
     assert "git clone --quiet https://x/neo.git" in flag(clone, "command")

@@ -4,6 +4,7 @@
     python launch/tpu/tpu_vm.py up --name neo --zone us-east5-a --accelerator v5p-128 \\
         --config configs/neo_2b.py:pt --workdir gs://my-bucket/neo_2b_pt -- --config.mesh.fsdp=64
     python launch/tpu/tpu_vm.py logs   --name neo --zone us-east5-a
+    python launch/tpu/tpu_vm.py ssh    --name neo --zone us-east5-a --command "df -h /tmp"
     python launch/tpu/tpu_vm.py stop   --name neo --zone us-east5-a     # SIGTERM: checkpoint, then exit
     python launch/tpu/tpu_vm.py delete --name neo --zone us-east5-a
 
@@ -124,6 +125,10 @@ def logs(a, r: Runner) -> None:
     r.run(ssh(a, f"tail -n +1 -F {LOG}", worker=a.worker), check=False)
 
 
+def run_on_workers(a, r: Runner) -> None:
+    r.run(ssh(a, a.command_line, worker=a.worker))
+
+
 def stop(a, r: Runner) -> None:
     r.note("SIGTERM to the trainer on every worker: it saves a checkpoint at the next step, then exits")
     r.run(ssh(a, f"test -f {PIDFILE} && kill -TERM $(cat {PIDFILE}) || echo no trainer running"))
@@ -180,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     command("create", create, "queue a TPU VM slice", slice_=True)
-    command("wait", wait, "wait until the queued resource is ACTIVE", slice_=True)
+    wt = command("wait", wait, "wait until the queued resource is ACTIVE")
+    wt.add_argument("--wait-timeout-s", type=float, default=6 * 3600)
     command("install", install, "ship the code and install jax[tpu] + neo-jax on every worker", code=True)
     command("train", train, "start neo-jax train on every worker (detached)", run=True)
     command("up", up, "create + wait + install + train", slice_=True, code=True, run=True)
     lg = command("logs", logs, "follow a worker's training log")
     lg.add_argument("--worker", default="0", help="worker index, or 'all'")
+    ex = command("ssh", run_on_workers, "run a shell command on the workers (e.g. copy weights from gs://)")
+    ex.add_argument("--command", dest="command_line", required=True)
+    ex.add_argument("--worker", default="all", help="worker index, or 'all'")
     command("stop", stop, "SIGTERM the trainers (checkpoint, then exit)")
     command("delete", delete, "delete the slice (queued resource and its VMs)")
     return p
