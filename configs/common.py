@@ -38,4 +38,10 @@ def base(stage, **model) -> ml_collections.ConfigDict:
 
     c.train = train_config(c.stage, "paper")
     c.mesh = mesh_config()
+    from neo_jax.train.checkpoint import checkpoint_config
+    from neo_jax.train.metrics import log_config
+
+    c.checkpoint = checkpoint_config()
+    c.log = log_config()
+    c.init_from = ""  # a previous stage's workdir / checkpoints dir: start from its params (fresh optimizer)
     return c

@@ -15,6 +15,9 @@ COMMANDS = {
     "data": "neo_jax.data.cli",
     "plan": "neo_jax.train.plan",
     "convert": "neo_jax.convert.cli",
+    "train": "neo_jax.train.cli",
+    "demo": "neo_jax.train.cli",
+    "generate": "neo_jax.infer.cli",
     "eval": "neo_jax.eval.cli",
 }
 

@@ -172,19 +172,28 @@ class Checkpointer:
         keep = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
+        saving = None if read_only else policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(cfg.every), policies.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(cfg.every), policies.PreemptionCheckpointingPolicy()]),
+            save_interval_steps=0 if read_only else 1,
+            save_decision_policy=saving,
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=bool(cfg.async_save),
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
             create=not read_only,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "state", "data", "config"),
-            item_handlers={"params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
-                           "data": DataStateHandler(), "config": ocp.JsonCheckpointHandler()})
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # Orbax warns that a read-only directory is read-only
+            absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("params", "state", "data", "config"),
+                item_handlers={"params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
+                               "data": DataStateHandler(), "config": ocp.JsonCheckpointHandler()})
+        finally:
+            absl.setLevel(level)
 
     # -- queries
     def all_steps(self) -> list[int]:
