@@ -202,6 +202,9 @@ def test_variant_needs_rope_positions_and_a_known_kind(base_cfg, params):
         NEO(c).apply({"params": params}, {k: v for k, v in batch.items() if k != "rope_positions"})
     with pytest.raises(ValueError, match="rope_kind"):
         dataclasses.replace(base_cfg, rope_kind="3d")
+    # init's dummy batch carries rope_positions for a variant, and the parameters are the same for every kind.
+    shapes = jax.eval_shape(lambda: init_lib.init_params(c, jax.random.PRNGKey(0)))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
     with pytest.raises(ValueError, match="head_dim"):
         dataclasses.replace(base_cfg, rope_kind="video", head_dim=8)
 

@@ -28,7 +28,8 @@ LLM_LAYER_KEYS = {
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 8, patch_budget: int = 4):
     """A zero batch with the contract's shapes and dtypes (for init and eval_shape)."""
     i32 = jnp.int32
-    return {
+    rope = {} if cfg.rope_kind == "native" else {"rope_positions": jnp.zeros((batch_size, seq_len, 3), i32)}
+    return rope | {
         "tokens": jnp.zeros((batch_size, seq_len), i32),
         "targets": jnp.zeros((batch_size, seq_len), i32),
         "loss_weights": jnp.zeros((batch_size, seq_len), jnp.float32),
