@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from safetensors import safe_open  # noqa: E402  (the reference reader checks what we write)
+
 from neo_jax.convert import checkpoint, neo_hf  # noqa: E402
 from neo_jax.convert import safetensors_io as st  # noqa: E402
 from neo_jax.model.config import ModelConfig  # noqa: E402
@@ -79,7 +81,7 @@ def test_config_json_is_the_official_layout(cfg, exported):
     assert (llm["model_type"], llm["rope_theta_hw"], vis["model_type"]) == ("qwen3", cfg.rope_theta_hw, "neo_vision")
     assert vis["llm_hidden_size"] == cfg.hidden_size and vis["downsample_ratio"] == 0.5
     assert os.path.isfile(exported / "generation_config.json")
-    with st.safe_open(str(exported / "model.safetensors"), "numpy") as f:
+    with safe_open(str(exported / "model.safetensors"), "numpy") as f:
         assert f.metadata() == {"format": "pt"}
         assert f.get_slice("vision_model.embeddings.dense_embedding.weight").get_shape() == [64, 32, 2, 2]
 
@@ -95,7 +97,7 @@ def test_round_trip_is_bit_exact(cfg, params, tmp_path, dtype):
     total = 0
     for name in files:
         data = 0
-        with st.safe_open(str(tmp_path / "hf" / name), "numpy") as f:
+        with safe_open(str(tmp_path / "hf" / name), "numpy") as f:
             for key in f.keys():
                 assert index["weight_map"][key] == name
                 data += f.get_tensor(key).nbytes
@@ -106,6 +108,10 @@ def test_round_trip_is_bit_exact(cfg, params, tmp_path, dtype):
     assert back_cfg == c
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint8),
                                                                       np.asarray(b).view(np.uint8)), back, p)
+    if dtype == "float32":  # importing with a cast gives exactly the cast parameters
+        cast, cast_cfg = neo_hf.import_hf(str(tmp_path / "hf"), dtype="bfloat16")
+        assert cast_cfg.param_dtype == "bfloat16"
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), cast, p)
     checkpoint.save_params(str(tmp_path / "ckpt"), back, back_cfg)
     again, again_cfg = checkpoint.load_params(str(tmp_path / "ckpt"))
     assert again_cfg == c and jax.tree_util.tree_leaves(again)[0].dtype == jnp.dtype(dtype)

@@ -56,6 +56,9 @@ def check_config(hf_dir: str, cfg: ModelConfig) -> dict:
         if (type(mine)(value) != mine) if not isinstance(mine, float) else not np.isclose(float(value), mine):
             raise ValueError(f"{path}: {theirs}={value!r} but the NEO config has model.{ours}={mine!r}; "
                              f"set --config.model.{ours}={value} or pick the matching Qwen3")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"{path}: rope_scaling={hf['rope_scaling']!r}; NEO's Native-RoPE uses plain rotary "
+                         f"(rope_scaling null), as in the Qwen3 base models")
     if hf.get("attention_bias"):
         raise ValueError(f"{path}: attention_bias=true; NEO's attention has no biases")
     return hf

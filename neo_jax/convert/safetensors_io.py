@@ -2,7 +2,8 @@
 
 Reading: `TensorSource` indexes a Hugging Face directory (`model.safetensors`, or shards + `*.index.json`,
 or loose `*.safetensors`), validates every file's header up front (a truncated file is an error naming it)
-and hands out one tensor at a time through `safe_open`, so host memory holds one tensor, not the model.
+and reads one tensor at a time (plain reads at the header's offsets), so host memory holds one tensor, not
+the model.
 
 Writing: `write_shards` plans shards of at most `max_shard_bytes` from the tensors' shapes and dtypes,
 writes each file's header first and then the tensors one by one (produced lazily by a callback), so
@@ -17,7 +18,6 @@ import struct
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -67,13 +67,19 @@ class TensorSource:
             raise FileNotFoundError(f"{directory}: no *.safetensors files (expected {SINGLE_NAME} or shards "
                                     f"with {INDEX_NAME})")
         self.entries: dict[str, tuple[str, str, tuple]] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.data_start: dict[str, int] = {}
         for name in files:
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{index} lists {name}, which does not exist in {directory}")
-            for key, info in read_header(path).items():
+            header = read_header(path)
+            with open(path, "rb") as f:
+                self.data_start[name] = 8 + struct.unpack("<Q", f.read(8))[0]
+            for key, info in header.items():
                 if key == "__metadata__":
                     continue
+                self.offsets[key] = tuple(info["data_offsets"])
                 if key in self.entries:
                     raise ValueError(f"tensor {key!r} appears in both {self.entries[key][0]} and {name}")
                 self.entries[key] = (name, info["dtype"], tuple(info["shape"]))
@@ -81,7 +87,6 @@ class TensorSource:
             for key, name in weight_map.items():
                 if self.entries.get(key, (None,))[0] != name:
                     raise ValueError(f"{index} maps {key!r} to {name}, but that file does not hold it")
-        self._handles = {}
 
     def __contains__(self, key):
         return key in self.entries
@@ -99,19 +104,24 @@ class TensorSource:
         return ST_DTYPES[st]
 
     def get(self, key) -> np.ndarray:
-        """One tensor as a numpy array (its stored dtype)."""
-        file = self.entries[key][0]
-        self.dtype(key)  # clear error for an unsupported dtype
-        if file not in self._handles:
-            path = os.path.join(self.directory, file)
-            try:
-                self._handles[file] = safe_open(path, framework="numpy")
-            except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
-                raise ValueError(f"{path}: cannot open safetensors file: {e}") from None
-        return self._handles[file].get_tensor(key)
+        """One tensor as a numpy array (its stored dtype), read with plain file I/O into a fresh buffer.
+
+        Not `safe_open`: it memory-maps the file, and the mapped pages it touches stay resident (counted in
+        RSS) until the handle closes, which would put a second copy of the model in host memory."""
+        file, _, shape = self.entries[key]
+        out = np.empty(shape, self.dtype(key))
+        start, end = self.offsets[key]
+        if end - start != out.nbytes:
+            raise ValueError(f"{file}: tensor {key!r} holds {end - start} bytes, its dtype and shape need "
+                             f"{out.nbytes}")
+        with open(os.path.join(self.directory, file), "rb") as f:
+            f.seek(self.data_start[file] + start)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise ValueError(f"{file}: truncated while reading tensor {key!r}")
+        return out
 
     def close(self):
-        self._handles.clear()
+        pass
 
 
 def plan_shards(specs, max_shard_bytes: int):
