@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": "neo_jax.train.cli",
     "generate": "neo_jax.infer.cli",
     "eval": "neo_jax.eval.cli",
+    "sweep": "neo_jax.eval.sweep",
 }
 
 

@@ -1,0 +1,26 @@
+"""A laptop-CPU reproduction of Table 3 rows A, B, D, G, H, I and pre-buffer depths 0 / 2 / 4 (issue 8).
+
+    neo-jax sweep --grid configs/ablations/cpu_repro.py --workdir /tmp/neo_ablations
+
+The demo model (configs/demo.py: ~3M parameters, built-in tokenizer) trained from scratch on the synthetic
+spatial questions (its `sft` stage: colour, shape, count, left/right, above/below, letter reading), the same
+step budget for every run, 3 seeds each, scored on the held-out split. Rows keep the demo's pre-buffer depth
+(2 of 6 layers); the depth runs vary it with the total layer count fixed.
+"""
+
+ROWS = [
+    ("A", "Causal", "1D-RoPE", {"model.mask_kind": "causal", "model.rope_kind": "1d"}),
+    ("B", "Mixed", "1D-RoPE", {"model.rope_kind": "1d"}),
+    ("D", "Mixed", "M-RoPE", {"model.rope_kind": "mrope"}),
+    ("G", "Causal", "Native-RoPE", {"model.mask_kind": "causal"}),
+    ("H", "Mixed", "Native-RoPE", {}),
+    ("I", "Mixed", "Native-RoPE*", {"model.rope_theta_hw": 1e6}),
+]
+
+
+def get_grid():
+    runs = [dict(id=i, attention=a, rope=r, overrides=o) for i, a, r, o in ROWS]
+    runs += [dict(id=f"PB{d}", attention="Mixed", rope="Native-RoPE",
+                  overrides={"model.num_prebuffer_layers": d, "model.num_llm_layers": 6 - d}) for d in (0, 4)]
+    return dict(base="demo", stages=["sft"], steps={"sft": 250}, seeds=[0, 1, 2], eval="synthetic:240",
+                runs=runs)
