@@ -44,21 +44,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# configs/tiny.py with small synthetic rows, every parameter trained; also given to `neo-jax train` as
+# --config.<override> by the test, so the CLI run and this worker train the same model on the same data.
+OVERRIDES = [
+    "mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.strategy=fsdp_tp",
+    "train.trainable=all", "train.lr=0.003", "train.warmup_steps=1", "train.total_steps=20",
+    "data.sources=[{'kind': 'synthetic', 'split': 'train', 'size': 64, 'seed': 0, 'qtypes': ['caption', 'color']}]",
+    "data.text_ratio=-1.0", "data.tokenizer=builtin", "data.loss_weighting=token",
+    "data.seq_len=128", "data.patch_budget=128", "data.batch_size=4",
+    "data.min_pixels=1024", "data.max_pixels=16384", "data.num_threads=1", "data.prefetch=2",
+]
+
+
 def small_config():
-    """configs/tiny.py with the built-in tokenizer's ids, small synthetic rows, every parameter trained."""
     from neo_jax import config
 
-    cfg = config.load("tiny", ["model.vocab_size=464", "model.img_context_id=448", "model.img_start_id=449",
-                               "model.img_end_id=450", "mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2",
-                               "mesh.strategy=fsdp_tp", "train.trainable=all", "train.lr=0.003",
-                               "train.warmup_steps=1", "train.total_steps=20", "checkpoint.async_save=True"])
-    d = cfg.data
-    d.sources = [{"kind": "synthetic", "split": "train", "size": 64, "seed": 0, "qtypes": ["caption", "color"]}]
-    d.text_ratio, d.tokenizer, d.loss_weighting = -1.0, "builtin", "token"
-    d.seq_len, d.patch_budget, d.batch_size = 128, 128, 4
-    d.min_pixels, d.max_pixels = 32 * 32, 128 * 128
-    d.num_threads, d.prefetch = 1, 2
-    return cfg
+    return config.load("tiny", OVERRIDES)
 
 
 def digest(batch) -> str:
