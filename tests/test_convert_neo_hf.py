@@ -108,6 +108,14 @@ def test_round_trip_is_bit_exact(cfg, params, tmp_path, dtype):
     assert back_cfg == c
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint8),
                                                                       np.asarray(b).view(np.uint8)), back, p)
+    if dtype == "float32":  # placed directly on a mesh: same values, each leaf in its sharding
+        mesh = jax.make_mesh((8,), ("tensor",))
+        spec = jax.sharding.PartitionSpec
+        sh = jax.tree_util.tree_map(
+            lambda x: jax.sharding.NamedSharding(mesh, spec(*([None] * (x.ndim - 1) + ["tensor"] if x.shape[-1] % 8 == 0 else []))), p)
+        placed, _ = neo_hf.import_hf(str(tmp_path / "hf"), shardings=sh)
+        jax.tree_util.tree_map(lambda a, s: a.sharding == s or pytest.fail(str(a.sharding)), placed, sh)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, placed, p)
     if dtype == "float32":  # importing with a cast gives exactly the cast parameters
         cast, cast_cfg = neo_hf.import_hf(str(tmp_path / "hf"), dtype="bfloat16")
         assert cast_cfg.param_dtype == "bfloat16"
