@@ -48,7 +48,7 @@ def parse_args(argv=None):
 # --config.<override> by the test, so the CLI run and this worker train the same model on the same data.
 OVERRIDES = [
     "mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.strategy=fsdp_tp",
-    "train.trainable=all", "train.lr=0.003", "train.warmup_steps=1", "train.total_steps=20",
+    "train.trainable=all", "train.lr=0.003", "train.warmup_steps=1", "train.total_steps=1000",
     "data.sources=[{'kind': 'synthetic', 'split': 'train', 'size': 64, 'seed': 0, 'qtypes': ['caption', 'color']}]",
     "data.text_ratio=-1.0", "data.tokenizer=builtin", "data.loss_weighting=token",
     "data.seq_len=128", "data.patch_budget=128", "data.batch_size=4",

@@ -4,13 +4,16 @@ checkpoint the other wrote (tests/multihost_worker.py does the work; see its doc
 
 Both layouts run at the same time: one process with 4 fake CPU devices, and two processes with 2 each,
 all on a (data, fsdp, tensor) = (1, 2, 2) mesh with the same global batch; next to them, `neo-jax train`
-itself runs on two processes. Every wait is bounded; a hang kills the processes and fails the test.
+itself runs on two processes until SIGTERM reaches one of them. Every wait is bounded; a hang kills the processes and fails the test.
 """
 import json
 import os
+import re
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +38,36 @@ def clean_env(**extra):
     return {**env, **extra}
 
 
+def popen(argv, log, env, cwd=None):
+    """Output to a file, not a pipe: a chatty process never blocks on a full pipe while we poll."""
+    with open(log, "w") as f:
+        return subprocess.Popen(argv, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+
+
 def start_cli(workdir, coordinator, process_id):
-    """`neo-jax train` itself, as the SLURM script starts it: NEO_* variables, no flags."""
+    """`neo-jax train` itself, as the SLURM script starts it: NEO_* variables, no flags. It runs until
+    it is preempted (the fixture sends SIGTERM to process 1 once STEPS steps are logged)."""
     env = clean_env(NEO_COORDINATOR=coordinator, NEO_NUM_PROCESSES="2", NEO_PROCESS_ID=str(process_id),
                     XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                     JAX_DEFAULT_MATMUL_PRECISION="highest")
     overrides = OVERRIDES + ["log.every=1", "log.tensorboard=False", "log.progress=False"]
     argv = [sys.executable, "-m", "neo_jax.cli", "train", "--config", "tiny", "--workdir", str(workdir),
-            "--stop-at", str(STEPS), *(f"--config.{o}" for o in overrides)]
-    return subprocess.Popen(argv, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+            *(f"--config.{o}" for o in overrides)]
+    return popen(argv, workdir.with_suffix(f".{process_id}.log"), env, cwd=Path(__file__).resolve().parents[1])
 
 
 def start(out, workdir, devices, restore, *extra):
-    env = clean_env()
     argv = [sys.executable, str(WORKER), "--out", str(out), "--workdir", str(workdir), "--devices",
             str(devices), "--steps", str(STEPS), "--save-at", str(SAVE_AT), "--restore", str(restore),
             "--wait-s", str(TIMEOUT_S - 30), *extra]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return popen(argv, out.with_suffix(".log"), clean_env())
+
+
+def logged_steps(metrics: Path) -> int:
+    try:
+        return len(metrics.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -60,30 +75,38 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("multihost")
     coordinator = f"127.0.0.1:{free_port()}"
     cli_coordinator = f"127.0.0.1:{free_port()}"
+    cli = work / "cli"
     procs = {
-        "cli0": start_cli(work / "cli", cli_coordinator, 0),
-        "cli1": start_cli(work / "cli", cli_coordinator, 1),
+        "cli0": start_cli(cli, cli_coordinator, 0),
+        "cli1": start_cli(cli, cli_coordinator, 1),
         "single": start(work / "single.json", work, 4, work / "ckpt_2proc"),
         "p0": start(work / "p0.json", work, 2, work / "ckpt_1proc", "--coordinator", coordinator,
                     "--num-processes", "2", "--process-id", "0"),
         "p1": start(work / "p1.json", work, 2, work / "ckpt_1proc", "--coordinator", coordinator,
                     "--num-processes", "2", "--process-id", "1"),
     }
-    logs = {}
+    logs = {"cli0": cli.with_suffix(".0.log"), "cli1": cli.with_suffix(".1.log"), "single": work / "single.log",
+            "p0": work / "p0.log", "p1": work / "p1.log"}
+    deadline, signalled = time.monotonic() + TIMEOUT_S, False
     try:
-        for name, p in procs.items():
-            logs[name], _ = p.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"multi-host workers did not finish within {TIMEOUT_S}s")
+        while any(p.poll() is None for p in procs.values()):
+            if time.monotonic() > deadline:
+                pytest.fail(f"multi-host processes did not finish within {TIMEOUT_S}s")
+            if not signalled and logged_steps(cli / "metrics.jsonl") >= STEPS:
+                procs["cli1"].send_signal(signal.SIGTERM)  # one host preempted
+                signalled = True
+            time.sleep(0.1)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
+    text = {name: f.read_text() for name, f in logs.items()}
     for name, p in procs.items():
-        assert p.returncode == 0, f"worker {name} failed:\n{logs.get(name, '')[-4000:]}"
-    out = {name: json.loads((work / f"{name}.json").read_text()) for name in procs if not name.startswith("cli")}
-    out["cli"] = {"workdir": work / "cli", "log": logs["cli0"]}
+        assert p.returncode == 0, f"{name} failed:\n{text[name][-4000:]}"
+    assert signalled, "neo-jax train finished before it could be preempted"
+    out = {name: json.loads((work / f"{name}.json").read_text()) for name in ("single", "p0", "p1")}
+    out["cli"] = {"workdir": cli, "logs": [text["cli0"], text["cli1"]]}
     return out
 
 
@@ -122,12 +145,15 @@ def test_checkpoints_restore_across_process_layouts(runs):
 
 def test_neo_jax_train_cli_on_two_processes(runs):
     """The real entry point (`neo-jax train`, started with NEO_COORDINATOR / NEO_NUM_PROCESSES /
-    NEO_PROCESS_ID as launch/gpu/train.sbatch does) trains like the worker's single process, and the
-    checkpoint it leaves holds each host's data position."""
-    workdir, log = runs["cli"]["workdir"], runs["cli"]["log"]
-    assert f"finished at step {STEPS}" in log, log[-3000:]
+    NEO_PROCESS_ID as launch/gpu/train.sbatch does) trains like the worker's single process; SIGTERM to
+    one of its processes stops both at the same step with one checkpoint holding each host's data position."""
+    workdir, logs = runs["cli"]["workdir"], runs["cli"]["logs"]
+    stops = [re.findall(r"preempted at step (\d+)", log) for log in logs]
+    assert all(len(s) == 1 for s in stops) and stops[0] == stops[1], [log[-2000:] for log in logs]
+    step = int(stops[0][0])
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([r["loss"] for r in rows], runs["single"]["losses"], rtol=1e-5)
-    data = sorted(p.name for p in (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*"))
+    assert step >= STEPS and [r["step"] for r in rows] == list(range(1, step + 1))
+    np.testing.assert_allclose([r["loss"] for r in rows[:STEPS]], runs["single"]["losses"], rtol=1e-5)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+    data = sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]
