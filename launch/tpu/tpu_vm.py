@@ -17,7 +17,6 @@ Orbax checkpoint, hence the workdir (and data) must be on Cloud Storage (gs://) 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -61,8 +60,8 @@ def create(a, r: Runner) -> None:
             f"--runtime-version={a.runtime_version or s.runtime_version}"]
     if a.spot:
         argv.append("--spot")
-    if a.reservation:
-        argv += ["--reserved", f"--reservation={a.reservation}"] if a.reservation != "any" else ["--reserved"]
+    if a.reserved:
+        argv.append("--reserved")
     if a.valid_until_duration:
         argv.append(f"--valid-until-duration={a.valid_until_duration}")
     r.run(argv)
@@ -83,7 +82,7 @@ def install(a, r: Runner) -> None:
         fetch = (f"rm -rf ~/{REMOTE_DIR} && git clone --quiet {shlex.quote(a.git)} ~/{REMOTE_DIR} && "
                  f"git -C ~/{REMOTE_DIR} checkout --quiet {shlex.quote(a.ref)}")
     else:
-        archive = f"/tmp/neo-jax-{os.getpid()}.tar.gz" if not a.dry_run else "/tmp/neo-jax.tar.gz"
+        archive = f"/tmp/neo-jax-{a.name}.tar.gz"
         r.note(f"committed files of {a.source} (HEAD); uncommitted edits are not shipped")
         r.run(["git", "-C", str(a.source), "archive", "--format=tar.gz", f"--output={archive}", "HEAD"])
         r.run(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{a.name}:~/neo-jax.tar.gz",
@@ -165,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--accelerator", required=True, help="e.g. v4-32, v5litepod-256, v5p-128, v6e-256")
             c.add_argument("--runtime-version", default=None, help="default: the generation's JAX runtime")
             c.add_argument("--spot", action="store_true", help="Spot capacity (preemptible)")
-            c.add_argument("--reservation", default=None, help="reservation name, or 'any'")
+            c.add_argument("--reserved", action="store_true", help="use the project's reserved capacity")
             c.add_argument("--valid-until-duration", default=None, help="give up queueing after e.g. 6h")
             c.add_argument("--wait-timeout-s", type=float, default=6 * 3600)
         if code:
