@@ -26,10 +26,16 @@ STEPS, SAVE_AT = 2, 1
 TIMEOUT_S = 360  # whole test; on a quiet 2-core machine it takes about a minute
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open until every port is picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def clean_env(**extra):
@@ -73,8 +79,7 @@ def logged_steps(metrics: Path) -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("multihost")
-    coordinator = f"127.0.0.1:{free_port()}"
-    cli_coordinator = f"127.0.0.1:{free_port()}"
+    coordinator, cli_coordinator = (f"127.0.0.1:{p}" for p in free_ports(2))
     cli = work / "cli"
     procs = {
         "cli0": start_cli(cli, cli_coordinator, 0),
