@@ -35,6 +35,21 @@ def losses(summary):
     return [(r["step"], r["loss"]) for r in summary["history"]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical train steps (the full, first-half and resumed runs) compile once: a persistent cache for
+    this module only (executables are the same, so exactness is unaffected)."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    values = (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)
+    for k, v in zip(keys, values):
+        jax.config.update(k, v)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
