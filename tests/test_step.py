@@ -112,7 +112,7 @@ def test_gradient_accumulation_equals_one_big_batch(reference, batch):
     np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-5)
     assert m["weight_sum"] == m1["weight_sum"]
     _assert_tree_close(jax.device_get(state.params), params1, atol=1e-5)
-    with pytest.raises(ValueError, match="grad_accum=3"):
+    with pytest.raises(ValueError, match="grad_accum=3 each micro-batch"):
         _run(_cfg(grad_accum=3), _mesh(1, 1, 1), params0, [batch])
 
 

@@ -147,12 +147,19 @@ class _Step:
             return self.jitted.lower(*args)
 
 
+def check_rows(batch, mesh, k: int = 1) -> None:
+    """The global rows must split into k micro-batches that each divide over ("data", "fsdp")."""
+    rows = batch["tokens"].shape[0]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % k or (rows // k) % shards:
+        raise ValueError(f"batch of {rows} rows: with train.grad_accum={k} each micro-batch must hold a multiple "
+                         f"of data x fsdp = {shards} rows; set data.batch_size to a multiple of {k * shards}")
+
+
 def _split_micro(batch, k: int):
     """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ... (each device keeps its rows)."""
     def one(x):
         b = x.shape[0]
-        if b % k:
-            raise ValueError(f"batch of {b} rows does not split into train.grad_accum={k} micro-batches")
         return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
     return jax.tree.map(one, batch)
 
@@ -203,6 +210,7 @@ def make_train_step(cfg, mesh, state_shardings):
     k = int(cfg.train.get("grad_accum", 1))
 
     def step(state, batch):
+        check_rows(batch, mesh, k)
         s, w, g, train_idx, treedef, leaves = _sums_and_grads(mcfg, state.params, mask, batch, k,
                                                              state_shardings.params, mesh)
         denom = jnp.maximum(w, jnp.finfo(jnp.float32).tiny)
