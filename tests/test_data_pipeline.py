@@ -192,9 +192,11 @@ def test_token_id_check_and_global_arrays(tiny_config):
     import jax
     from jax.sharding import Mesh
 
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.data = small_config()
+    pipeline.make_pipeline(cfg, process_index=0, process_count=1).close()  # tiny uses the builtin ids
+    cfg.model.img_context_id = 447
     with pytest.raises(ValueError, match="img_context_id"):
-        cfg = tiny_config.copy_and_resolve_references()
-        cfg.data = small_config()
         pipeline.make_pipeline(cfg, process_index=0, process_count=1)
     c = small_config(batch_size=8)
     batch = next(pipeline.make_pipeline(c, process_index=0, process_count=1))
