@@ -1,4 +1,4 @@
-"""The built-in demo: a small NEO (~3M parameters) trained from scratch on the CPU through pt -> mt -> sft
+"""The built-in demo: a small NEO (~1.5M parameters) trained from scratch on the CPU through pt -> mt -> sft
 on the built-in synthetic scenes with the built-in tokenizer (no network, no files).
 
     neo-jax demo --workdir /tmp/neo_demo                 # all three stages, then held-out accuracy
@@ -22,7 +22,7 @@ def get_config(stage="pt"):
     c = common.base(
         stage,
         # Built-in tokenizer: 448 BPE tokens + NEO's special tokens at 448.. (vocab padded to 464).
-        vocab_size=464, hidden_size=192, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=32,
+        vocab_size=464, hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=2, head_dim=32,
         num_prebuffer_layers=2, num_llm_layers=4, tie_word_embeddings=True, vision_dim=64,
         img_context_id=448, img_start_id=449, img_end_id=450,
     )
