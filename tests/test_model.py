@@ -206,3 +206,22 @@ def test_bad_batches_are_refused_with_the_field_name(cfg, params):
         forward(cfg, params, bad)
     with pytest.raises(ValueError, match="tokens"):
         forward(cfg, params, {k: v for k, v in good.items() if k != "tokens"})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_full_logits_loss(cfg, tied):
+    c = dataclasses.replace(cfg, tie_word_embeddings=tied)
+    params = init_lib.init_params(c, jax.random.PRNGKey(7))
+    batch = make_batch(c, seed=8)
+
+    def full(p):
+        s, w = loss_fn(forward(c, p, batch), batch["targets"], batch["loss_weights"])
+        return s / w
+
+    def chunked(p):
+        s, w = NEO(c).apply({"params": p}, batch, 16, method=NEO.loss)
+        return s / w
+
+    (l0, g0), (l1, g1) = jax.jit(jax.value_and_grad(full))(params), jax.jit(jax.value_and_grad(chunked))(params)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)

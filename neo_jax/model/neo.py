@@ -96,6 +96,12 @@ class NEO(nn.Module):
             return jnp.einsum("ble,ve->blv", x, w, preferred_element_type=jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
+    def _head_weight(self):
+        """The output projection as an [E, V] array in the compute dtype."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.embedding.T.astype(self.cfg.compute_dtype)
+        return self.lm_head.variables["params"]["kernel"].astype(self.cfg.compute_dtype)
+
     def _stacks(self, x, caches, positions, info, cache_index):
         out = []
         for stack, cache in zip((self.prebuffer, self.llm), caches):
@@ -106,13 +112,27 @@ class NEO(nn.Module):
             out.append(cache)
         return x, out
 
-    def __call__(self, batch):
-        """Training / scoring forward over packed rows: float32 logits [B, L, vocab]."""
+    def hidden(self, batch):
+        """Final hidden states [B, L, E] (before the final norm) of packed rows."""
         check_batch(batch, self.cfg)
         x = self.embed(batch["tokens"], batch.get("patches"), batch.get("patch_positions"))
         info = make_mask_info(batch["segment_ids"], batch["positions"], self.cfg.mask_kind)
         x, _ = self._stacks(x, (None, None), batch.get("rope_positions", batch["positions"]), info, None)
-        return self.logits(x)
+        return x
+
+    def __call__(self, batch):
+        """Training / scoring forward over packed rows: float32 logits [B, L, vocab]."""
+        return self.logits(self.hidden(batch))
+
+    def loss(self, batch, chunk: int = 0):
+        """(sum w*CE, sum w) without materialising [B, L, vocab] logits when `chunk` divides L.
+
+        The cross-entropy runs over `chunk`-token slices under jax.checkpoint: the forward keeps one
+        slice's logits and the backward recomputes them, so the loss head needs O(B * chunk * vocab)
+        memory instead of O(B * L * vocab). Equal to `loss_fn(model(batch), targets, loss_weights)`.
+        """
+        x = self.norm(self.hidden(batch))
+        return chunked_loss(x, self._head_weight(), batch["targets"], batch["loss_weights"], chunk)
 
     def decode(self, tokens, positions, segment_ids, cache, patches=None, patch_positions=None,
                rope_positions=None):
@@ -170,3 +190,24 @@ def loss_fn(logits, targets, loss_weights):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     w = loss_weights.astype(jnp.float32)
     return jnp.sum(ce * w), jnp.sum(w)
+
+
+def chunked_loss(x, head, targets, loss_weights, chunk: int = 0):
+    """`loss_fn` of logits = x @ head, `chunk` tokens at a time (0 or a non-divisor of L: all at once)."""
+    b, length, _ = x.shape
+    if not chunk or chunk >= length or length % chunk:
+        logits = jnp.einsum("ble,ev->blv", x, head, preferred_element_type=jnp.float32)
+        return loss_fn(logits, targets, loss_weights)
+    n = length // chunk
+    split = lambda a: a.reshape((b, n, chunk) + a.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def one(carry, xs):
+        xc, tc, wc = xs
+        logits = jnp.einsum("ble,ev->blv", xc, head, preferred_element_type=jnp.float32)
+        s, w = loss_fn(logits, tc, wc)
+        return (carry[0] + s, carry[1] + w), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (s, w), _ = jax.lax.scan(one, (zero, zero), (split(x), split(targets), split(loss_weights)))
+    return s, w

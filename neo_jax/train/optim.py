@@ -49,6 +49,7 @@ def train_config(stage: str = "pt", preset: str = "paper") -> ml_collections.Con
     c.weight_decay = 0.01
     c.clip_norm = 1.0  # global-norm clipping of the trainable gradients; <= 0 disables
     c.grad_accum = 1
+    c.loss_chunk = 1024  # tokens per cross-entropy slice (never the full [B, L, vocab] logits); 0 = unchunked
     c.trainable = "stage"  # "stage" (pt: PEL + pre-buffer + H/W heads) or "all"
     return c
 

@@ -4,7 +4,7 @@
     train_step = make_train_step(cfg, mesh, shardings)
     state, metrics = train_step(state, batch)    # batch: the DESIGN.md dict, leading dim = global rows
 
-The loss is sum(w * CE) / sum(w) over the whole global batch (`neo_jax.model.neo.loss_fn` returns the
+The loss is sum(w * CE) / sum(w) over the whole global batch (`NEO.loss` returns the
 two sums), so `train.grad_accum = k` micro-batches give the same update as one big batch: gradients of
 the weighted sums are accumulated over a `lax.scan` and divided once. Only trainable leaves are
 differentiated (frozen ones enter the loss as constants), and frozen leaves are returned as they came in,
@@ -23,7 +23,7 @@ import optax
 from jax.tree_util import DictKey
 
 from neo_jax.model.init import init_params
-from neo_jax.model.neo import NEO, loss_fn
+from neo_jax.model.neo import NEO
 from neo_jax.parallel import rules as R
 from neo_jax.train import optim
 
@@ -164,7 +164,7 @@ def _split_micro(batch, k: int):
     return jax.tree.map(one, batch)
 
 
-def _sums_and_grads(mcfg, params, mask, batch, k: int, shardings, mesh):
+def _sums_and_grads(mcfg, params, mask, batch, k: int, shardings, mesh, chunk: int = 0):
     """(sum w*CE, sum w, grads of sum w*CE w.r.t. the trainable leaves (flat list))."""
     leaves, treedef = jax.tree.flatten(params)
     flags = jax.tree.leaves(mask)
@@ -174,8 +174,7 @@ def _sums_and_grads(mcfg, params, mask, batch, k: int, shardings, mesh):
         full = list(leaves)
         for i, x in zip(train_idx, train_leaves):
             full[i] = x
-        logits = NEO(mcfg).apply({"params": jax.tree.unflatten(treedef, full)}, mb)
-        return loss_fn(logits, mb["targets"], mb["loss_weights"])
+        return NEO(mcfg).apply({"params": jax.tree.unflatten(treedef, full)}, mb, chunk, method=NEO.loss)
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
     train_leaves = [leaves[i] for i in train_idx]
@@ -208,11 +207,12 @@ def make_train_step(cfg, mesh, state_shardings):
     mask = optim.trainable_mask(state_shardings.params, cfg.stage, cfg.train.get("trainable", "stage"))
     schedule = optim.lr_schedule(cfg.train)
     k = int(cfg.train.get("grad_accum", 1))
+    chunk = int(cfg.train.get("loss_chunk", 0))
 
     def step(state, batch):
         check_rows(batch, mesh, k)
         s, w, g, train_idx, treedef, leaves = _sums_and_grads(mcfg, state.params, mask, batch, k,
-                                                             state_shardings.params, mesh)
+                                                             state_shardings.params, mesh, chunk)
         denom = jnp.maximum(w, jnp.finfo(jnp.float32).tiny)
         g = [x.astype(jnp.float32) / denom for x in g]
         full = [jnp.zeros_like(x) for x in leaves]
@@ -237,8 +237,8 @@ def make_eval_step(cfg, mesh, state_shardings):
     mcfg = R.model_config(cfg.model)
 
     def evaluate(state, batch):
-        logits = NEO(mcfg).apply({"params": state.params}, batch)
-        s, w = loss_fn(logits, batch["targets"], batch["loss_weights"])
+        s, w = NEO(mcfg).apply({"params": state.params}, batch, int(cfg.train.get("loss_chunk", 0)),
+                               method=NEO.loss)
         return {"loss": s / jnp.maximum(w, jnp.finfo(jnp.float32).tiny), "loss_sum": s, "weight_sum": w}
 
     jitted = jax.jit(evaluate, in_shardings=(state_shardings, R.batch_sharding(mesh)),
