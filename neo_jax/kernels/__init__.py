@@ -9,6 +9,9 @@ a named impl is tried first and falls back down the same list when it cannot tak
 splash with Lq != Lk at decode). Every skip is logged once (python logging) with its reason.
 On CPU, "auto" picks blockwise once the key length reaches `CPU_BLOCKWISE_MIN_LEN` (below it the dense
 einsum is as fast and compiles faster; see benchmarks/attention.py).
+Under a mesh (`jax.set_mesh`, as the train step runs) blockwise, splash and gpu run per device in
+`shard_map`, rows over (data, fsdp) and kv heads over tensor (neo_jax/kernels/sharding.py); the xla
+reference is left to the SPMD partitioner (plain einsums, which it shards).
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ dynamic trip counts into the maximum and lose the skipping); each step works on 
 
 The backward is one pass over query tiles: it accumulates dq locally and adds dk/dv tiles into
 full-length carries, so scores are recomputed once, not twice as in a split dq / dkv backward.
+
+Under a mesh the whole kernel runs per device in `shard_map` (neo_jax/kernels/sharding.py): the SPMD
+partitioner cannot split these dynamic-slice loops over the batch and would replicate every row.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from neo_jax.kernels.sharding import shard_attention
 from neo_jax.model.mask import EMPTY, FULL, MaskInfo, tile_pattern_from_info
 
 DEFAULT_TILE = 512
@@ -196,14 +200,17 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, info: MaskInfo, *, scale: float, tile_q: int = DEFAULT_TILE,
-              tile_k: int = DEFAULT_TILE):
+              tile_k: int = DEFAULT_TILE, mesh=None):
     """Mixed-mask attention, O(L x tile) memory. q/k [B, L, H|KVH, Dqk], v [B, Lk, KVH, Dv].
 
     Lq may differ from Lk (decode, chunked prefill); lengths need not be tile multiples (padded
     internally as segment 0). A query with no allowed key returns exactly 0 (and zero gradients).
+    mesh: default the `jax.set_mesh` context mesh; the loops then run per device under `shard_map`,
+    batch over (data, fsdp), heads over tensor (`sharding.shard_attention`).
     """
     tq, tk = _tiles(q.shape[1], k.shape[1], tile_q, tile_k)
-    return _attention(q, k, v, info, float(scale), tq, tk)
+    body = lambda q, k, v, info: _attention(q, k, v, info, float(scale), tq, tk)  # noqa: E731
+    return shard_attention(body, q, k, v, info, mesh=mesh, name="blockwise")
 
 
 def attention_with_stats(q, k, v, info: MaskInfo, *, scale: float, tile_q: int = DEFAULT_TILE,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from neo_jax.kernels.sharding import shard_attention
 from neo_jax.kernels.splash import horizon
 from neo_jax.model.mask import MaskInfo
 
@@ -230,11 +231,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, info: MaskInfo, *, scale: float, block: int = DEFAULT_BLOCK,
-              interpret: bool | None = None):
+              interpret: bool | None = None, mesh=None):
     """Mixed-mask attention from per-query key ranges. q/k [B, L, H|KVH, Dqk], v [B, Lk, KVH, Dv].
 
     Any Lq, Lk (padded to `block` internally). interpret: Pallas interpret mode; default off GPU.
+    mesh: default the `jax.set_mesh` context mesh; the kernels then run per device under `shard_map`,
+    batch over (data, fsdp), heads over tensor (`sharding.shard_attention`).
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _attention(q, k, v, info, float(scale), int(block), bool(interpret))
+    args = (float(scale), int(block), bool(interpret))
+    body = lambda q, k, v, info: _attention(q, k, v, info, *args)  # noqa: E731
+    return shard_attention(body, q, k, v, info, mesh=mesh, name="gpu")

@@ -13,8 +13,9 @@ and `data_next` points empty steps at the previous non-empty block so they trigg
 keeps its full width (a dynamic pattern has no static bound), so an empty step costs one grid iteration.
 
 Layout: each example runs the single-device kernel (`vmap` over the batch); under a mesh the call is
-wrapped in `shard_map` with the batch on (data, fsdp) and heads on tensor. On CPU the kernel runs in
-Pallas interpret mode (tests); it needs L to be a multiple of the block size (128 by default here).
+wrapped in `shard_map` with the batch on (data, fsdp) and heads on tensor (neo_jax/kernels/sharding.py,
+shared with the other backends). On CPU the kernel runs in Pallas interpret mode (tests); it needs L
+to be a multiple of the block size (128 by default here).
 """
 from __future__ import annotations
 
@@ -24,12 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as smi
-from jax.sharding import PartitionSpec as P
 
+from neo_jax.kernels.sharding import shard_attention
 from neo_jax.model.mask import EMPTY, MaskInfo, tile_pattern_from_info
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
 
 
 def horizon(info: MaskInfo):
@@ -115,26 +113,11 @@ def attention(q, k, v, info: MaskInfo, *, scale: float, mesh=None, block: int = 
               interpret: bool | None = None):
     """Mixed-mask splash attention. q/k [B, L, H|KVH, Dqk], v [B, L, KVH, Dv]; L % 128 == 0.
 
-    mesh: a `jax.sharding.Mesh` (or the context mesh when None and one is set); the call is then
-    `shard_map`ped with the batch over (data, fsdp) and heads over tensor (both H and KVH must divide).
+    mesh: a `jax.sharding.Mesh` (default: the `jax.set_mesh` context mesh); the kernel then runs per
+    device under `shard_map`, batch over (data, fsdp), heads over tensor (`sharding.shard_attention`).
     interpret: Pallas interpret mode; defaults to True off TPU.
     """
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     body = functools.partial(_local_attention, scale=float(scale), block=block, interpret=interpret)
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.axis_names:
-            return body(q, k, v, info)
-    names = set(mesh.axis_names)
-    batch = tuple(a for a in BATCH_AXES if a in names) or None
-    heads = HEAD_AXIS if HEAD_AXIS in names else None
-    if heads is not None and k.shape[2] % mesh.shape[heads]:
-        raise ValueError(f"kv heads {k.shape[2]} must divide over mesh axis {heads!r} of size "
-                         f"{mesh.shape[heads]}; change the mesh or use impl='blockwise'")
-    x = P(batch, None, heads, None)
-    row = P(batch, None)
-    info_spec = MaskInfo(row, row, row, row)
-    return jax.shard_map(body, mesh=mesh, in_specs=(x, x, x, info_spec), out_specs=x,
-                         check_vma=False)(q, k, v, info)
-
+    return shard_attention(body, q, k, v, info, mesh=mesh, name="splash")
