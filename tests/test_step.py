@@ -1,6 +1,6 @@
 """The sharded train step: mesh invariance, shardings, exact gradient accumulation, pt freezing.
 
-Four step compilations of the tiny model (the expensive part); states after the first share one init.
+Five step compilations of the tiny model (the expensive part); states after the first share one init.
 """
 import jax
 import numpy as np
@@ -79,6 +79,18 @@ def test_mesh_222_matches_single_device(reference, sharded):
     assert m["tokens"] == m1["tokens"] and m["weight_sum"] == m1["weight_sum"]
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params0)))
     assert moved > 1e-4  # the step did update the parameters
+    _assert_tree_close(jax.device_get(state.params), params1, atol=1e-5)
+
+
+def test_blockwise_attention_on_a_mesh_matches_single_device(reference, batch):
+    """attention_impl=blockwise runs per device under shard_map (neo_jax/kernels/sharding.py: rows over
+    data x fsdp, kv heads over tensor) and gives the single-device xla step."""
+    params0, params1, m1 = reference
+    cfg = _cfg(strategy="fsdp_tp")
+    cfg.model.attention_impl = "blockwise"
+    state, _, (m,) = _run(cfg, _mesh(2, 2, 2), params0, [batch])
+    np.testing.assert_allclose(m["loss"], m1["loss"], atol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-5)
     _assert_tree_close(jax.device_get(state.params), params1, atol=1e-5)
 
 
