@@ -127,3 +127,19 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     params, saved = ckpt_lib.load_params(tmp_path)
     assert saved["stage"] == "pt" and saved["train"]["total_steps"] == 100000
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_params_checkpoints_and_training_runs_are_interchangeable(full_run, tmp_path):
+    """convert's load_params reads a training workdir; init_from reads a params checkpoint."""
+    from neo_jax.convert import checkpoint as params_ckpt
+
+    src, full = full_run
+    params, model_cfg = params_ckpt.load_params(str(src))
+    want = full["state"].params
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, want)
+    params_ckpt.save_params(str(tmp_path / "p"), params, model_cfg)
+    sft = tiny("sft", extra=[f"init_from={tmp_path / 'p'}", "train.total_steps=1"])
+    out = train(sft, str(tmp_path / "sft"))
+    assert out["start_step"] == 0 and np.isfinite(losses(out)[-1][1])
+    with pytest.raises(ValueError, match="hidden_size"):
+        train(tiny("sft", extra=[f"init_from={tmp_path / 'p'}", "model.hidden_size=32"]), str(tmp_path / "bad"))

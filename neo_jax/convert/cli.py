@@ -4,7 +4,8 @@
     neo-jax convert export-hf --ckpt /ckpt/neo2b-init --out /export/neo2b [--tokenizer /models/Qwen3-1.7B-Base]
     neo-jax convert import-hf --hf-dir /models/NEO1_0-2B-SFT --out /ckpt/neo2b-sft [--dtype bfloat16]
 
-CKPT is a params checkpoint (`neo_jax.convert.checkpoint.save_params` / `load_params`). Each command shows a
+CKPT is a params checkpoint (`neo_jax.convert.checkpoint.save_params`); export-hf also takes a `neo-jax train`
+workdir (its latest checkpoint). Each command shows a
 progress bar over tensors and prints a summary; outputs appear only when complete.
 """
 from __future__ import annotations

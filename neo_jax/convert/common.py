@@ -15,6 +15,9 @@ def atomic_dir(out: str, *, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it is renamed to `out`, on any error it is
     removed, so a failed conversion leaves nothing at `out`. An existing non-empty `out` is refused unless
     `overwrite`."""
+    if "://" in str(out):
+        raise ValueError(f"{out}: converters write to a local directory (atomic rename); copy the result to "
+                         f"Cloud Storage afterwards, e.g. gcloud storage cp -r")
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise FileExistsError(f"output {out} already exists and is not empty; choose another path or pass "

@@ -116,17 +116,24 @@ def deserialize_record(data: bytes, rid: str = "?") -> dict:
     return header
 
 
+def _glob(epath, pattern: str) -> list[str]:
+    """Files matching `pattern` (a glob in the last path component), local or remote."""
+    path = epath.Path(pattern)
+    if not any(ch in path.name for ch in "*?["):
+        return [pattern] if path.exists() else []
+    return [str(p) for p in path.parent.glob(path.name)]
+
+
 class ArrayRecordSource:
     """Serialized records from ArrayRecord shards (files or glob patterns); items are {"id", "bytes"}."""
 
     def __init__(self, paths):
-        import glob
-
         import grain
+        from etils import epath
 
         paths = [paths] if isinstance(paths, str) else list(paths)
-        files = sorted(f for p in paths for f in (glob.glob(p) or [p]))
-        missing = [f for f in files if not os.path.isfile(f)]
+        files = sorted(f for p in paths for f in (_glob(epath, p) or [p]))  # local or gs:// (etils.epath)
+        missing = [f for f in files if not epath.Path(f).is_file()]
         if missing or not files:
             raise FileNotFoundError(f"ArrayRecord shards not found: {missing or paths}; build them with "
                                     f"`neo-jax data build`")

@@ -5,9 +5,10 @@
 Where the state comes from, first match wins:
   1. `workdir/checkpoints` has a complete step: everything is restored (params, optimizer, step, RNG,
      data position), laid out for the current mesh, so the run continues exactly.
-  2. `cfg.init_from` names a previous stage's workdir (or its checkpoints dir): its params only, with a
-     fresh optimizer and step 0 (`mt` from `pt`, `sft` from `mt`). `qwen3:<hf_dir>` imports a Hugging Face
-     Qwen3 LLM instead (post-LLM rule; pre-buffer and patch embedding fresh).
+  2. `cfg.init_from` names a previous stage's workdir (or its checkpoints dir) or a params checkpoint
+     (`neo-jax convert qwen3 | import-hf --out`): its params only, with a fresh optimizer and step 0 (`mt`
+     from `pt`, `sft` from `mt`). `qwen3:<hf_dir>` imports a Hugging Face Qwen3 LLM directly instead
+     (post-LLM rule; pre-buffer and patch embedding fresh).
   3. A fresh init from `cfg.seed`.
 
 A checkpoint is written every `checkpoint.every` steps, at the last step, at `stop_at`, and when the
@@ -15,13 +16,14 @@ process gets SIGTERM (then the loop stops after the current step).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from neo_jax.data.pipeline import make_pipeline, to_global_arrays
 from neo_jax.model.init import init_params
@@ -64,6 +66,14 @@ def initial_params(cfg, param_shardings):
 
         return import_qwen3(src[len(QWEN3_PREFIX):], R.model_config(cfg.model), seed=cfg.seed,
                             shardings=param_shardings)
+    from neo_jax.convert import checkpoint as params_ckpt
+
+    if params_ckpt.is_params_checkpoint(src):
+        _check_same_model(src, dataclasses.asdict(params_ckpt.load_config(src)), cfg.model)
+        params, _ = params_ckpt.load_params(src, param_shardings)
+        log.info("init_from: params checkpoint %s (fresh optimizer)", src)
+        dtype = R.model_config(cfg.model).weight_dtype
+        return jax.tree.map(lambda x: x.astype(dtype), params)
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(src), read_only=True)
     try:
         step = ckpt.latest_step()
@@ -72,17 +82,22 @@ def initial_params(cfg, param_shardings):
                                     f"stage there first")
         saved = ckpt.restore_config(step).get("model")
         if saved is not None:
-            diff = {k: (v, cfg.model.get(k)) for k, v in saved.items() if k in cfg.model and cfg.model[k] != v
-                    and not isinstance(cfg.model[k], (tuple, list))}
-            shape_keys = {"vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                          "head_dim", "num_prebuffer_layers", "num_llm_layers", "vision_dim", "tie_word_embeddings"}
-            if diff.keys() & shape_keys:
-                raise ValueError(f"init_from={src!r} was trained with a different model: "
-                                 f"{ {k: diff[k] for k in diff.keys() & shape_keys} } (saved, now)")
+            _check_same_model(src, saved, cfg.model)
         log.info("init_from: params of step %d in %s (fresh optimizer)", step, ckpt.directory)
         return ckpt.restore_params(step, param_shardings)
     finally:
         ckpt.close()
+
+
+SHAPE_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+              "num_prebuffer_layers", "num_llm_layers", "vision_dim", "tie_word_embeddings"}
+
+
+def _check_same_model(src, saved: dict, model_cfg):
+    diff = {k: (saved[k], model_cfg.get(k)) for k in SHAPE_KEYS if k in saved and saved[k] != model_cfg.get(k)}
+    if diff:
+        raise ValueError(f"init_from={src!r} holds a different model: {diff} (saved, now); set the config's "
+                         f"model sizes to match")
 
 
 def _host_tokens(batch) -> int:
@@ -93,11 +108,11 @@ def train(cfg, workdir, *, stop_at: int | None = None, preemption: ckpt_lib.Pree
           mesh=None, log_prefix: str = "") -> dict:
     """Runs (or resumes) training to `cfg.train.total_steps` (or `stop_at`). Returns a summary:
     {"step", "start_step", "resumed", "preempted", "history" (the logged metric rows), "checkpoint"}."""
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     total = int(cfg.train.total_steps)
     end = total if stop_at is None else min(int(stop_at), total)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    ckpt = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints", cfg.checkpoint)
     own_preemption = preemption is None
     preemption = preemption or ckpt_lib.Preemption()
     pipeline = make_pipeline(cfg)

@@ -7,11 +7,15 @@
 Per-step metrics are device scalars; they are fetched (one host sync) only every `log.every` steps, so
 the host keeps dispatching ahead of the device. Derived rates (tokens/s, MFU, share of time waiting for
 data) are computed over the window since the last write. Only process 0 writes files or draws the bar.
+With a remote workdir (gs://...), whose objects cannot be appended to, the JSONL and TensorBoard files go
+to a local directory (`log_dir`, logged at start) while checkpoints stay in the workdir.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 
 import jax
@@ -26,6 +30,18 @@ def log_config() -> ml_collections.ConfigDict:
     c.tensorboard = True  # event files in <workdir>/tensorboard
     c.progress = True  # tqdm bar on stderr
     return c
+
+
+def log_dir(workdir) -> str:
+    """Where the JSONL / TensorBoard files go: the workdir itself, or for a remote (URL) workdir a local
+    directory named after it under ~/neo-jax-logs."""
+    workdir = str(workdir)
+    if "://" not in workdir:
+        return workdir
+    local = os.path.join(os.path.expanduser("~/neo-jax-logs"), re.sub(r"[^A-Za-z0-9._-]+", "_", workdir))
+    logging.getLogger(__name__).warning("workdir %s is remote: metrics.jsonl and TensorBoard files go to %s",
+                                        workdir, local)
+    return local
 
 
 class MetricLogger:
@@ -48,12 +64,13 @@ class MetricLogger:
         self._window = dict(t0=time.perf_counter(), steps=0, tokens=0, wait=0.0, flops=0.0)
         if jax.process_index() != 0:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.log_dir = log_dir(workdir)
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(self.log_dir, "metrics.jsonl"), "a")
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(self.log_dir, "tensorboard"))
         if cfg.progress:
             from tqdm.auto import tqdm
 
