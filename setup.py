@@ -20,6 +20,8 @@ setup(
     packages=find_packages(include=["neo_jax", "neo_jax.*"]),
     install_requires=requirements,
     extras_require={
+        # gs:// checkpoints, shards and workdirs (etils.epath / Orbax need an fsspec GCS backend).
+        "gcs": ["gcsfs==2026.10.1"],
         "test": [
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",

@@ -87,7 +87,7 @@ def test_tpu_vm_up_dry_run(fake_path, accel, runtime, hosts):
     assert flag(create, "node-id") == "neo" and "--spot" in create and flag(create, "project") == "p"
     assert describe[4] == "describe" and archive[:2] == ["git", "-C"]
     assert scp[4] == "scp" and flag(scp, "worker") == "all"
-    assert flag(setup, "worker") == "all" and "'jax[tpu]==0.10.2' gcsfs -e" in flag(setup, "command")
+    assert flag(setup, "worker") == "all" and "'jax[tpu]==0.10.2' -e" in flag(setup, "command") and "[gcs]" in flag(setup, "command")
     assert train[4] == "ssh" and flag(train, "worker") == "all"
     remote = flag(train, "command")
     assert "neo-jax train --config=configs/neo_2b.py:pt --workdir=gs://bkt/run --config.mesh.fsdp=8" in remote

@@ -76,7 +76,7 @@ def wait(a, r: Runner) -> None:
 
 def install(a, r: Runner) -> None:
     """Copy the code to every worker (git archive of HEAD, or a git clone there), then a Python venv with
-    jax[tpu], neo-jax and gcsfs (etils.epath, hence Orbax's metadata, reaches gs:// through it).
+    jax[tpu] and neo-jax with its [gcs] extra (gcsfs: etils.epath, hence Orbax's metadata, reaches gs:// through it).
     uv provides the Python: jax 0.10 needs >= 3.11, the TPU images ship 3.10."""
     if a.git:
         fetch = (f"rm -rf ~/{REMOTE_DIR} && git clone --quiet {shlex.quote(a.git)} ~/{REMOTE_DIR} && "
@@ -94,7 +94,7 @@ def install(a, r: Runner) -> None:
         "python3 -m pip install --user --quiet uv",
         f"~/.local/bin/uv venv --quiet --allow-existing --python {a.python} {VENV}",
         f"~/.local/bin/uv pip install --quiet --python {VENV}/bin/python "
-        f"'jax[tpu]=={a.jax_version}' gcsfs -e ~/{REMOTE_DIR}",
+        f"'jax[tpu]=={a.jax_version}' -e ~/{REMOTE_DIR}'[gcs]'",
         f"{VENV}/bin/python -c 'import jax, neo_jax; print(\"jax\", jax.__version__, \"ok\")'",
     ])
     r.run(ssh(a, setup))

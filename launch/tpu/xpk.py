@@ -59,7 +59,7 @@ def workload_command(a) -> str:
     line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(train)
     if a.docker_image:
         return line
-    install = shlex.join(["pip", "install", "--quiet", f"jax[tpu]=={a.jax_version}", "gcsfs", "-e", "."])
+    install = shlex.join(["pip", "install", "--quiet", f"jax[tpu]=={a.jax_version}", "-e", ".[gcs]"])
     return f"{install} && {line}"
 
 
