@@ -173,6 +173,15 @@ def test_backend_under_shard_map_on_a_mesh(name, case256):
                           twice(ref_g), P(("data", "fsdp"), None, "tensor", None))
 
 
+def test_kernel_called_directly_without_a_mesh_or_on_one_device(case256):
+    """Single-device programs (CPU training, benchmarks) keep exactly the unwrapped kernel."""
+    info, _, (q, k, v, _), _ = case256
+    fn = lambda q, k, v: blockwise.attention(q, k, v, info, scale=SCALE)  # noqa: E731
+    assert _shard_map_specs(fn, q, k, v) == []
+    with jax.set_mesh(_mesh(1, 1, 1)):
+        assert _shard_map_specs(fn, q, k, v) == []
+
+
 def test_heads_replicated_when_kv_heads_do_not_divide_over_tensor(case256, caplog):
     """2 kv heads on tensor = 4: rows split over data only, heads whole on every device, logged once;
     the gradients of the inputs replicated over tensor are still exact (not summed over it)."""
