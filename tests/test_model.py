@@ -210,7 +210,7 @@ def test_bad_batches_are_refused_with_the_field_name(cfg, params):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_loss_equals_full_logits_loss(cfg, tied):
-    c = dataclasses.replace(cfg, tie_word_embeddings=tied)
+    c = dataclasses.replace(cfg, tie_word_embeddings=tied, num_prebuffer_layers=1, num_llm_layers=1)
     params = init_lib.init_params(c, jax.random.PRNGKey(7))
     batch = make_batch(c, seed=8)
 
