@@ -57,6 +57,14 @@ def env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(script arguments, trainer config overrides): everything after a bare `--` goes to `neo-jax train`."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def config_overrides(items: list[str]) -> list[str]:
     """Extra arguments passed through to `neo-jax train`: each must be `--config.key=value`."""
     bad = [i for i in items if not i.startswith("--config.")]

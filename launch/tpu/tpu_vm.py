@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from launch.common import Runner, add_dry_run, check_shared_path, config_overrides, env_pair  # noqa: E402
+from launch.common import (Runner, add_dry_run, check_shared_path, config_overrides, env_pair,  # noqa: E402
+                           split_overrides)
 from launch.tpu.slices import parse  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     a = build_parser().parse_args(argv)
     a.overrides = extra
     if extra and a.command not in ("train", "up"):
