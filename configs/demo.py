@@ -7,7 +7,8 @@ on the built-in synthetic scenes with the built-in tokenizer (no network, no fil
 Stage data: `pt` captions (image-text pairs), `mt` captions mixed with every question type, `sft` the
 questions only. There is no pretrained LLM to protect here, so every stage trains all parameters
 (`train.trainable = "all"`); the paper's `pt` freezing is the default of the other configs. Images keep
-their size (96 x 96 or 128 x 96 px -> 3 x 3 or 4 x 3 image tokens, one per grid cell of the scene).
+their size (96 x 96 px -> 3 x 3 image tokens, one per grid cell of the scene); a 256-token row holds ~7
+question documents (36 patches each), so the patch budget is 320.
 """
 import common
 
@@ -32,7 +33,7 @@ def get_config(stage="pt"):
     d.text_ratio = -1.0
     d.tokenizer = "builtin"
     d.seq_len = 256
-    d.patch_budget = 256
+    d.patch_budget = 320
     d.batch_size = 8
     d.min_pixels, d.max_pixels = 32 * 32, 128 * 128  # keep the drawn size
     d.loss_weighting = "token"

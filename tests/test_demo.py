@@ -63,3 +63,33 @@ def test_generate_cli_and_heldout_eval(demo_run, tmp_path, capsys):
     assert sum(n for _, n in results.values()) == 6
     text, acc, chance = demo.report(results)
     assert "chance" in text and 0 <= acc <= 1 and 0 < chance < 1
+
+
+def test_synthetic_scenes_answer_from_the_layout():
+    """Scenes are 96 x 96 (one image token per grid cell) and the side questions' answers follow the
+    named object's cell; test and train splits are different scenes."""
+    rng = np.random.default_rng(0)
+    for qtype, axis, words in (("left_right", 3, ("left", "right")), ("above_below", 2, ("above", "below"))):
+        for _ in range(50):
+            objects, letter, question, answer = synthetic.make_scene(rng, qtype)
+            s, c, row, col = objects[0]
+            assert f"the {c} {s} " in question and letter is None
+            assert sum(o[:2] == (s, c) for o in objects) == 1  # the named object is unique
+            assert answer == words[(row, col)[axis - 2] // 2]  # outer cells only: 0 -> first word, 2 -> second
+    record = synthetic.SyntheticSource("test", 4, 0)[0]
+    assert Image.open(io.BytesIO(record["images"][0])).size == synthetic.SIZE == (96, 96)
+    train_imgs = {synthetic.SyntheticSource("train", 16, 0)[i]["images"][0] for i in range(16)}
+    assert all(synthetic.SyntheticSource("test", 16, 0)[i]["images"][0] not in train_imgs for i in range(16))
+
+
+def test_heldout_questions_skip_scenes_seen_in_training():
+    cfg = config.load("demo:sft")
+    seen = demo.training_scenes([cfg])
+    assert len(seen) > 1000
+    qtypes = tuple(cfg.eval_qtypes)
+    records, skipped = demo.heldout_records(60, qtypes, exclude=seen)
+    assert len(records) == 60 and skipped > 0  # simple scenes do recur across independently drawn splits
+    test = synthetic.SyntheticSource("test", 6000, 0, qtypes)
+    idx = [int(r["id"].rsplit("/", 1)[1]) for r in records]
+    assert all(test.scene_key(i) not in seen for i in idx) and idx[-1] == 60 + skipped - 1
+    assert records[0]["images"][0] == test[idx[0]]["images"][0]

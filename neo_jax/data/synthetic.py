@@ -1,13 +1,14 @@
 """A built-in, seeded dataset of drawn scenes with captions and spatial questions (demo and tests).
 
-Each scene is a small image (96 x 96 or 128 x 96 px) with 1-5 objects (circle / square / triangle, six
-colours) in the cells of a 3 x 3 grid, and sometimes a capital letter. Questions need the layout:
+Each scene is a small image (96 x 96 px: one image token per grid cell) with 1-5 objects (circle / square /
+triangle, six colours) in the cells of a 3 x 3 grid, and sometimes a capital letter. Questions need the
+layout:
 
     color      "What color is the square?"                         red | green | blue | ...
     shape      "What shape is the blue object?"                    circle | square | triangle
     count      "How many circles are there?"                       one | two | three | four
-    left_right "Is the red circle left or right of the blue square?"  left | right
-    above_below"Is the red circle above or below the blue square?"    above | below
+    left_right "Is the red circle left or right of the center?"   left | right   (outer columns only)
+    above_below"Is the red circle above or below the middle?"     above | below  (outer rows only)
     read       "What letter is written in the image?"             A ... H
     caption    "Describe the image." -> a sentence listing the objects and where they are
 
@@ -35,6 +36,9 @@ ANSWERS = {
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 SPLITS = {"train": 0, "test": 1}
+# 96 x 96 px = 3 x 3 image tokens (16 px patches, 2 x 2 merge): one token per grid cell, so every object
+# lies in exactly one image token.
+SIZE = (96, 96)
 
 
 def chance(qtype: str) -> float:
@@ -71,17 +75,16 @@ def make_scene(rng, qtype):
             return o, None, f"What color is the {s}?", c
         return o, None, f"What shape is the {c} object?", s
     if qtype in ("left_right", "above_below"):
+        # One lookup: the named object sits in an outer column (row); 1-2 others anywhere.
         axis = 3 if qtype == "left_right" else 2
         while True:
-            o = objs(2)
-            if o[0][axis] != o[1][axis] and (o[0][:2] != o[1][:2]):
+            o = objs(int(rng.integers(2, 4)))
+            if o[0][axis] != 1 and all(x[:2] != o[0][:2] for x in o[1:]):
                 break
-        (s1, c1, r1, k1), (s2, c2, r2, k2) = o
+        s1, c1, r1, k1 = o[0]
         if qtype == "left_right":
-            q, a = f"Is the {c1} {s1} left or right of the {c2} {s2}?", "left" if k1 < k2 else "right"
-        else:
-            q, a = f"Is the {c1} {s1} above or below the {c2} {s2}?", "above" if r1 < r2 else "below"
-        return o, None, q, a
+            return o, None, f"Is the {c1} {s1} left or right of the center?", "left" if k1 == 0 else "right"
+        return o, None, f"Is the {c1} {s1} above or below the middle?", "above" if r1 == 0 else "below"
     if qtype == "read":
         letter = LETTERS[rng.integers(len(LETTERS))]
         return objs(int(rng.integers(0, 2))), letter, "What letter is written in the image?", letter
@@ -90,15 +93,22 @@ def make_scene(rng, qtype):
     return o, None, "Describe the image.", ("There is " + ", ".join(parts) + ".").replace("  ", " ")
 
 
-def draw(objects, letter, size, rng):
-    """Renders the scene on a light background; objects fill ~70% of their grid cell."""
+def letter_cell(objects, rng):
+    """The free grid cell (row, col) the letter is written in."""
+    free = [(r, c) for r in range(3) for c in range(3) if all((o[2], o[3]) != (r, c) for o in objects)]
+    return free[int(rng.integers(len(free)))]
+
+
+def draw(objects, letter, size, cell=None):
+    """Renders the scene on a light background; objects fill ~80% of their grid cell, the letter (if any)
+    is written in `cell`."""
     w, h = size
     img = Image.new("RGB", size, (245, 245, 240))
     d = ImageDraw.Draw(img)
     cw, ch = w / 3, h / 3
     for shape, color, r, c in objects:
-        x0, y0 = c * cw + 0.15 * cw, r * ch + 0.15 * ch
-        x1, y1 = (c + 1) * cw - 0.15 * cw, (r + 1) * ch - 0.15 * ch
+        x0, y0 = c * cw + 0.1 * cw, r * ch + 0.1 * ch
+        x1, y1 = (c + 1) * cw - 0.1 * cw, (r + 1) * ch - 0.1 * ch
         fill = COLORS[color]
         if shape == "circle":
             d.ellipse([x0, y0, x1, y1], fill=fill)
@@ -107,8 +117,7 @@ def draw(objects, letter, size, rng):
         else:
             d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     if letter is not None:
-        free = [(r, c) for r in range(3) for c in range(3) if all((o[2], o[3]) != (r, c) for o in objects)]
-        r, c = free[int(rng.integers(len(free)))]
+        r, c = cell
         font = ImageFont.load_default(size=int(ch * 0.8))
         d.text(((c + 0.5) * cw, (r + 0.5) * ch), letter, fill=(0, 0, 0), font=font, anchor="mm")
     return img
@@ -136,21 +145,33 @@ class SyntheticSource:
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i):
+    def scene(self, i) -> dict:
+        """What record i shows and asks, without drawing it: {qtype, objects, letter, cell, question,
+        answer}; two records with equal scenes have identical images and questions."""
         i = int(i)
         if not 0 <= i < self.size:
             raise IndexError(f"synthetic index {i} out of range [0, {self.size})")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
         qtype = self.qtypes[int(rng.integers(len(self.qtypes)))]
         objects, letter, question, answer = make_scene(rng, qtype)
-        size = (128, 96) if rng.integers(2) else (96, 96)
-        img = draw(objects, letter, size, rng)
+        cell = letter_cell(objects, rng) if letter is not None else None
+        return dict(qtype=qtype, objects=tuple(objects), letter=letter, cell=cell, question=question,
+                    answer=answer)
+
+    def scene_key(self, i) -> tuple:
+        """A hashable key of record i's image and question (to find the same scene in another split)."""
+        sc = self.scene(i)
+        return tuple(sorted(sc["objects"])), sc["letter"], sc["cell"], sc["question"]
+
+    def __getitem__(self, i):
+        sc = self.scene(i)
+        img = draw(sc["objects"], sc["letter"], SIZE, sc["cell"])
         return {
-            "id": f"synthetic/{self.split}/{i}",
+            "id": f"synthetic/{self.split}/{int(i)}",
             "images": [png_bytes(img)],
-            "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                              {"from": "gpt", "value": answer}],
-            "meta": {"qtype": qtype, "answer": answer},
+            "conversations": [{"from": "human", "value": f"<image>\n{sc['question']}"},
+                              {"from": "gpt", "value": sc["answer"]}],
+            "meta": {"qtype": sc["qtype"], "answer": sc["answer"]},
         }
 
     def __repr__(self):

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     d = subparsers.add_parser("demo", help="train a small NEO from scratch on built-in data (pt -> mt -> sft) "
                                            "on the CPU and answer held-out questions")
     d.add_argument("--workdir", default="neo_demo", help="one sub-directory per stage (default ./neo_demo)")
-    d.add_argument("--eval-size", type=int, default=240, help="held-out questions to answer at the end")
+    d.add_argument("--eval-size", type=int, default=600, help="held-out questions to answer at the end")
     d.add_argument("--config", default="demo", help="the demo config (its stages are run in order)")
     d.add_argument("-v", "--verbose", action="store_true")
     d.set_defaults(func=_demo, accepts_overrides=True)
