@@ -119,8 +119,8 @@ def register(subparsers) -> None:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=_friendly(run_qwen3), accepts_overrides=True)
 
-    e = sub.add_parser("export-hf", help="write a params checkpoint in the official NEO (PyTorch) layout")
-    e.add_argument("--ckpt", required=True, help="params checkpoint directory")
+    e = sub.add_parser("export-hf", help="write a checkpoint in the official NEO (PyTorch) layout")
+    e.add_argument("--ckpt", required=True, help="params checkpoint directory or a neo-jax train workdir")
     e.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
     e.add_argument("--tokenizer", help="tokenizer spec (tokenizer.json, its directory, a .model, or 'builtin')")
     e.add_argument("--dtype", choices=dtypes, help="tensor dtype (default: the checkpoint's)")

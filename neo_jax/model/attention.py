@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from neo_jax import kernels
 from neo_jax.model import rope

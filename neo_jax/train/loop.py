@@ -21,39 +21,19 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from neo_jax.data.pipeline import make_pipeline, to_global_arrays
-from neo_jax.model.init import init_params
 from neo_jax.parallel import rules as R
 from neo_jax.parallel.mesh import make_mesh
 from neo_jax.train import checkpoint as ckpt_lib
 from neo_jax.train.metrics import MetricLogger
 from neo_jax.train import flops as flops_lib
-from neo_jax.train import optim
-from neo_jax.train.step import (TrainState, create_train_state, make_train_step, opt_state_shardings,
-                                strategy_of)
+from neo_jax.train.step import abstract_train_state, create_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 QWEN3_PREFIX = "qwen3:"
-
-
-def abstract_train_state(cfg, mesh):
-    """(TrainState of jax.ShapeDtypeStructs carrying the target shardings, TrainState of shardings), with
-    nothing allocated: the restore target. Mirrors `create_train_state` (which runs init under jit)."""
-    mcfg = R.model_config(cfg.model)
-    params = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0)))
-    tx = optim.make_optimizer(cfg.train, params, cfg.stage)
-    opt_state = jax.eval_shape(tx.init, params)
-    p_shard = R.param_shardings(mcfg, mesh, strategy_of(cfg))
-    rep = R.replicated(mesh)
-    shardings = TrainState(step=rep, params=p_shard, rng=rep,
-                           opt_state=opt_state_shardings(opt_state, p_shard, params, mesh))
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
-                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    return ckpt_lib.abstract(shapes, shardings), shardings
 
 
 def initial_params(cfg, param_shardings):
