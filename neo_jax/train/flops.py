@@ -58,12 +58,15 @@ def attention_pairs(segment_ids, positions, kind: str = "mixed", tile: int | Non
     if tile is not None:
         pat = mask_lib.tile_pattern(seg, pos, tile, kind, xp=np)
         return int((pat != mask_lib.EMPTY).sum()) * tile * tile
-    key = mask_lib.mask_key(seg, pos, kind, xp=np)
+    key = mask_lib.mask_key(seg, pos, kind, xp=np).astype(np.int64)
+    # Allowed keys of q: same segment and key <= key(q). With v = (segment, key) packed into one sortable
+    # integer per token, that count is #(v <= v_q) - #(v < (segment_q, 0)): one searchsorted per row.
+    v = seg.astype(np.int64) << 32 | key
     total = 0
-    for s_row, k_row in zip(seg, key):
-        for sid in np.unique(s_row[s_row != 0]):
-            k = np.sort(k_row[s_row == sid])  # allowed keys of q: same segment, key <= key(q)
-            total += int(np.searchsorted(k, k, side="right").sum())
+    for s_row, v_row in zip(seg, v):
+        vv = np.sort(v_row[s_row != 0])
+        first = vv & ~np.int64(0xFFFFFFFF)  # (segment, key 0)
+        total += int((np.searchsorted(vv, vv, side="right") - np.searchsorted(vv, first, side="left")).sum())
     return total
 
 
