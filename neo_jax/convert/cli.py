@@ -43,13 +43,15 @@ def run_qwen3(args) -> int:
     from neo_jax.convert import checkpoint, qwen3
     from neo_jax.convert.common import nbytes
     from neo_jax.model.config import ModelConfig
+    from neo_jax.model.init import LLM_LAYER_KEYS
 
     t0 = time.time()
     cfg = config_lib.load(args.config, args.overrides)
     model_cfg = ModelConfig.from_dict(cfg.model)
     if args.dtype:
         model_cfg = dataclasses.replace(model_cfg, param_dtype=args.dtype)
-    n = 2 + model_cfg.num_llm_layers * 11 + (not model_cfg.tie_word_embeddings)
+    per_layer = sum(len(names) for names in LLM_LAYER_KEYS.values())  # Qwen3 tensors per decoder layer
+    n = 2 + model_cfg.num_llm_layers * per_layer + (not model_cfg.tie_word_embeddings)
     bar, progress = _bar(n, "qwen3 -> neo")
     params = qwen3.import_qwen3(args.hf_dir, model_cfg, seed=cfg.get("seed", 0), progress=progress)
     bar.close()
