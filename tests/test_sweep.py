@@ -81,15 +81,18 @@ def test_run_grid_trains_in_order_resumes_and_collects(tmp_path):
 
 def test_emit_and_cli(tmp_path, capsys):
     grid_file = tmp_path / "g.py"
-    grid_file.write_text(f"def get_grid():\n    return {_grid()!r}\n")
+    grid = {**_grid(), "overrides": {"train.lr": 0.002, "model.rope_kind": "native"}}  # the run's own win
+    grid_file.write_text(f"def get_grid():\n    return {grid!r}\n")
     w = str(tmp_path / "runs")
     assert cli.main(["sweep", "--grid", str(grid_file), "--workdir", w, "--emit", "--prefix", "launch", "--only", "A"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("launch '") for line in lines)
-    assert "--config.model.rope_kind=1d" in lines[0] and "--config.seed=0" in lines[0]
+    assert "--config.model.rope_kind=1d" in lines[0] and "rope_kind=native" not in lines[0]
+    assert "--config.train.lr=0.002" in lines[0] and "--config.seed=0" in lines[0]
     assert f"--config.init_from={w}/A_seed0/mt" in lines[0] and lines[0].count("neo-jax train") == 2
     assert f"neo-jax eval --ckpt {w}/A_seed0/sft --data synthetic:8 --out {w}/A_seed0/eval.json" in lines[0]
-    assert json.load(open(os.path.join(w, "A_seed1", "run.json")))["seed"] == 1
+    meta = json.load(open(os.path.join(w, "A_seed1", "run.json")))
+    assert meta["seed"] == 1 and meta["overrides"]["train.lr"] == 0.002
     assert cli.main(["sweep", "--grid", str(grid_file), "--workdir", w, "--collect"]) == 0
     assert "Missing (not yet evaluated): A_seed0, A_seed1" in capsys.readouterr().out
     assert cli.main(["sweep", "--grid", str(tmp_path / "no.py"), "--workdir", w]) == 2

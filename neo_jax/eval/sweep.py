@@ -6,7 +6,8 @@ collect the results into a table shaped like the paper's Table 3 (Markdown and C
     neo-jax sweep --grid configs/ablations/table3.py --workdir gs://b/t3 --collect      # table only
 
 A grid file defines `get_grid()` -> dict(base: config name, stages: [stage, ...], steps: {stage: N},
-seeds: [...], eval: a `neo-jax eval --data` spec, runs: [dict(id, attention, rope, overrides {key: value})]).
+seeds: [...], eval: a `neo-jax eval --data` spec, runs: [dict(id, attention, rope, overrides {key: value})], and
+optionally overrides: {key: value} shared by every run, applied before the run's own).
 Run `<id>_seed<s>` trains its stages in order (each later stage starts from the previous one's params via
 `init_from`) in `<workdir>/<id>_seed<s>/<stage>`, then evaluates the last stage into `.../eval.json`. A run
 whose eval.json exists is not run again, so an interrupted sweep resumes where it stopped.
@@ -42,8 +43,9 @@ def run_dir(workdir: str, run: dict, seed: int) -> str:
 
 
 def stage_overrides(grid: dict, run: dict, seed: int, stage: str, init_from: str) -> list[str]:
-    """The `key=value` overrides of one stage of one run: the run's, the seed, the step budget, init_from."""
-    out = [f"{k}={v}" for k, v in run["overrides"].items()]
+    """The `key=value` overrides of one stage of one run: the grid's, the run's, the seed, the step budget,
+    init_from."""
+    out = [f"{k}={v}" for k, v in {**grid.get("overrides", {}), **run["overrides"]}.items()]
     out += [f"seed={seed}", f"data.seed={seed}", f"train.total_steps={grid['steps'][stage]}"]
     if init_from:
         out.append(f"init_from={init_from}")
@@ -52,7 +54,8 @@ def stage_overrides(grid: dict, run: dict, seed: int, stage: str, init_from: str
 
 def _meta(grid, run, seed):
     return {"id": run["id"], "attention": run["attention"], "rope": run["rope"], "seed": seed,
-            "steps": {s: grid["steps"][s] for s in grid["stages"]}, "overrides": run["overrides"],
+            "steps": {s: grid["steps"][s] for s in grid["stages"]},
+            "overrides": {**grid.get("overrides", {}), **run["overrides"]},
             "base": grid["base"], "eval": grid["eval"]}
 
 
