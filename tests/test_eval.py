@@ -97,6 +97,10 @@ def test_eval_cli_scores_a_scripted_model(fixtures, tmp_path, monkeypatch, capsy
     assert (s["vqa"]["correct"], s["vqa"]["n"], s["vqa"]["unparsed"]) == (2, 3, 0)
     assert (s["synthetic_test"]["correct"], s["synthetic_test"]["n"]) == (3, 6)
     assert 0 < s["synthetic_test"]["chance"] < 1
+    from neo_jax.data.synthetic import chance
+
+    assert s["synthetic_test"]["by_category"] and all(
+        v["chance"] == chance(c) for c, v in s["synthetic_test"]["by_category"].items())
     preds = res["results"]["mcq"]["predictions"]
     assert [p["correct"] for p in preds] == [m[-1] for m in MCQ]
     assert [p["parsed"] for p in preds] == ["A", "B", "B", "D", None]

@@ -53,8 +53,9 @@ def test_run_grid_trains_in_order_resumes_and_collects(tmp_path):
         color, count = ACC[(run, int(seed))]
         evaluated.append((ckpt, data))
         with open(out, "w") as f:
-            json.dump({"summary": {"synthetic_test": {"accuracy": (color + count) / 2, "by_category": {
-                "color": {"accuracy": color, "n": 4}, "count": {"accuracy": count, "n": 4}}}}}, f)
+            json.dump({"summary": {"synthetic_test": {"accuracy": (color + count) / 2, "chance": 0.2, "by_category": {
+                "color": {"accuracy": color, "n": 4, "chance": 0.15}, "count": {"accuracy": count, "n": 4,
+                                                                                "chance": 0.25}}}}}, f)
 
     w = str(tmp_path)
     sweep.run_grid(_grid(), w, train_fn=fake_train, eval_fn=fake_eval, log=lambda m: None)
@@ -71,6 +72,7 @@ def test_run_grid_trains_in_order_resumes_and_collects(tmp_path):
     assert lines[0] == "| ID | Attention | RoPE | color | count | Avg. | steps | seeds |"
     assert lines[2] == "| A | Causal | 1D-RoPE | 60.0 ± 14.1 | 30.0 ± 7.1 | **45.0 ± 10.6** | 3 mt+2 sft | 0,1 |"
     assert lines[3].startswith("| H | Mixed | Native-RoPE | 95.0 ± 7.1 | 70.0 ± 14.1 | **82.5 ± 3.5**")
+    assert lines[4] == "| - | - | chance | 15.0 | 25.0 | 20.0 | | |"
     with open(os.path.join(w, "table.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(r["id"], r["seed"], r["steps"], r["color"], r["avg"]) for r in rows][:2] == [

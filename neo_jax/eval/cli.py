@@ -89,6 +89,8 @@ def _eval(args) -> int:
             from neo_jax.data.synthetic import chance
 
             r["chance"] = sum(chance(row["category"]) for row in rows) / max(len(rows), 1)
+            for category, v in r["by_category"].items():
+                v["chance"] = chance(category)
         results[name] = r
     summary = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -137,7 +137,7 @@ def _mean_std(xs):
 def collect(grid: dict, workdir: str) -> dict:
     """Reads every run's eval.json; writes <workdir>/table.md (mean ± sample std over seeds, per category and
     on average) and table.csv (one line per run x seed). Missing runs are listed, never silently dropped."""
-    per_run, rows_csv, missing = {}, [], []
+    per_run, rows_csv, missing, chance = {}, [], [], {}
     for run in grid["runs"]:
         for seed in grid["seeds"]:
             path = os.path.join(run_dir(workdir, run, seed), "eval.json")
@@ -148,6 +148,9 @@ def collect(grid: dict, workdir: str) -> dict:
                 summary = json.load(f)["summary"]
             res = next(iter(summary.values())) if len(summary) == 1 else _merge(summary)
             cats = {k: v["accuracy"] for k, v in res["by_category"].items()}
+            chance.update({k: v["chance"] for k, v in res["by_category"].items() if "chance" in v})
+            if "chance" in res:
+                chance["avg"] = res["chance"]
             per_run.setdefault(run["id"], []).append((seed, cats, res["accuracy"]))
             rows_csv.append({"id": run["id"], "attention": run["attention"], "rope": run["rope"], "seed": seed,
                              "steps": "+".join(f"{s}:{grid['steps'][s]}" for s in grid["stages"]),
@@ -168,6 +171,9 @@ def collect(grid: dict, workdir: str) -> dict:
         steps = "+".join(f"{grid['steps'][s]} {s}" for s in grid["stages"])
         md.append("| " + " | ".join([run["id"], run["attention"], run["rope"], *cells, f"**{100 * m:.1f} ± "
                                      f"{100 * sd:.1f}**", steps, ",".join(str(s) for s, *_ in rs)]) + " |")
+    if per_run and set(cats) | {"avg"} <= set(chance):  # e.g. the synthetic split: what guessing would score
+        md.append("| - | - | chance | " + " | ".join(f"{100 * chance[c]:.1f}" for c in cats) +
+                  f" | {100 * chance['avg']:.1f} | | |")
     if missing:
         md.append(f"\nMissing (not yet evaluated): {', '.join(missing)}")
     with open(os.path.join(workdir, "table.md"), "w") as f:
