@@ -27,7 +27,7 @@ def test_grid_files_make_valid_configs(name):
     ids = [r["id"] for r in grid["runs"]]
     if name == "cpu_repro":
         assert ids == ["A", "B", "D", "G", "H", "I", "PB0", "PB4"] and grid["seeds"] == [0, 1, 2]
-        assert m.num_layers == 6  # depth runs keep the total layer count
+        assert (m.num_prebuffer_layers, m.num_llm_layers) == (4, 4)  # PB4: 4 pre-buffer layers before the same LLM
 
 
 def _grid():
