@@ -12,14 +12,9 @@ networks: from scratch, with every layer trained, pre-buffer and post-LLM blocks
 Results: docs/ablations.md.
 """
 
-ROWS = [
-    ("A", "Causal", "1D-RoPE", {"model.mask_kind": "causal", "model.rope_kind": "1d"}),
-    ("B", "Mixed", "1D-RoPE", {"model.rope_kind": "1d"}),
-    ("D", "Mixed", "M-RoPE", {"model.rope_kind": "mrope"}),
-    ("G", "Causal", "Native-RoPE", {"model.mask_kind": "causal"}),
-    ("H", "Mixed", "Native-RoPE", {}),
-    ("I", "Mixed", "Native-RoPE*", {"model.rope_theta_hw": 1e6}),
-]
+from table3 import ROWS as TABLE3_ROWS
+
+ROWS = [row for row in TABLE3_ROWS if row[0] in ("A", "B", "D", "G", "H", "I")]
 
 
 def get_grid():

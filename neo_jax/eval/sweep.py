@@ -27,6 +27,9 @@ def load_grid(path: str) -> dict:
     if spec is None or not os.path.isfile(path):
         raise FileNotFoundError(f"--grid {path!r}: no such file")
     module = importlib.util.module_from_spec(spec)
+    grid_dir = os.path.dirname(os.path.abspath(path))  # grids import their siblings (cpu_repro <- table3)
+    if grid_dir not in sys.path:
+        sys.path.insert(0, grid_dir)
     spec.loader.exec_module(module)
     grid = module.get_grid()
     missing = {"base", "stages", "steps", "seeds", "eval", "runs"} - set(grid)
