@@ -2,7 +2,7 @@
 
     neo-jax sweep --grid configs/ablations/cpu_repro.py --workdir /tmp/neo_ablations
 
-The demo model (configs/demo.py: ~3M parameters, built-in tokenizer) trained from scratch on the synthetic
+The demo model (configs/demo.py: ~1.5M parameters, built-in tokenizer) trained from scratch on the synthetic
 spatial questions (its `sft` stage: colour, shape, count, left/right, above/below, letter reading), the same
 budget for every run (400 steps of 8 x 256 tokens at learning rate 2e-3, the demo's mid-training rate, since
 nothing here is pretrained), 3 seeds each, scored on 600 held-out questions. Rows keep the demo's layers

@@ -45,10 +45,15 @@ def run_dir(workdir: str, run: dict, seed: int) -> str:
     return os.path.join(workdir, f"{run['id']}_seed{seed}")
 
 
+def run_overrides(grid: dict, run: dict) -> dict:
+    """The grid's shared overrides, then the run's own (which win)."""
+    return {**grid.get("overrides", {}), **run["overrides"]}
+
+
 def stage_overrides(grid: dict, run: dict, seed: int, stage: str, init_from: str) -> list[str]:
-    """The `key=value` overrides of one stage of one run: the grid's, the run's, the seed, the step budget,
+    """The `key=value` overrides of one stage of one run: `run_overrides`, the seed, the step budget,
     init_from."""
-    out = [f"{k}={v}" for k, v in {**grid.get("overrides", {}), **run["overrides"]}.items()]
+    out = [f"{k}={v}" for k, v in run_overrides(grid, run).items()]
     out += [f"seed={seed}", f"data.seed={seed}", f"train.total_steps={grid['steps'][stage]}"]
     if init_from:
         out.append(f"init_from={init_from}")
@@ -58,7 +63,7 @@ def stage_overrides(grid: dict, run: dict, seed: int, stage: str, init_from: str
 def _meta(grid, run, seed):
     return {"id": run["id"], "attention": run["attention"], "rope": run["rope"], "seed": seed,
             "steps": {s: grid["steps"][s] for s in grid["stages"]},
-            "overrides": {**grid.get("overrides", {}), **run["overrides"]},
+            "overrides": run_overrides(grid, run),
             "base": grid["base"], "eval": grid["eval"]}
 
 
