@@ -52,6 +52,17 @@ def test_schedule_retention_and_items(tmp_path):
     ck.close()
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `neo-jax demo --workdir neo_demo`: Orbax itself refuses relative paths
+    ck = ckpt_lib.Checkpointer("run/checkpoints", cfg(every=1))
+    assert ck.save(1, make_state(1), data_state={"pos": 1})
+    ck.close()
+    found = ckpt_lib.find_checkpoint_dir("run")
+    assert found == tmp_path / "run" / "checkpoints"
+    state, data, _ = ckpt_lib.Checkpointer(found, cfg(), read_only=True).restore(ckpt_lib.abstract(make_state(0)))
+    assert int(state.step) == 1 and data == {"pos": 1}
+
+
 def test_half_written_checkpoint_is_never_latest(tmp_path):
     ck = ckpt_lib.Checkpointer(tmp_path, cfg(every=1, keep=5, keep_every=0, async_save=False))
     ck.save(1, make_state(1))

@@ -81,5 +81,7 @@ def load_params(path: str, shardings=None):
         shardings = jax.tree_util.tree_map(lambda _: one, shapes)
     target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                     shapes, shardings)
-    params = ocp.StandardCheckpointer().restore(epath.Path(path).resolve() / PARAMS_NAME, target)
+    from neo_jax.train.checkpoint import absolute
+
+    params = ocp.StandardCheckpointer().restore(absolute(path) / PARAMS_NAME, target)
     return params, cfg

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -165,7 +166,7 @@ class Checkpointer:
         if cfg.every <= 0 or cfg.keep <= 0 or cfg.keep_every < 0:
             raise ValueError(f"checkpoint.every={cfg.every} and checkpoint.keep={cfg.keep} must be > 0, "
                              f"checkpoint.keep_every={cfg.keep_every} >= 0")
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         if not read_only and jax.process_index() == 0:
             _set_aside_uncommitted(self.directory)
         self.async_save = bool(cfg.async_save)
@@ -279,9 +280,15 @@ def abstract(state, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def absolute(path) -> epath.Path:
+    """A local path made absolute (Orbax refuses relative ones, e.g. `--workdir neo_demo`); gs:// etc. as is."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def find_checkpoint_dir(path) -> epath.Path:
     """Accepts a workdir (holding `checkpoints/`) or a checkpoints directory itself."""
-    path = epath.Path(path)
+    path = absolute(path)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
     if path.is_dir():
